@@ -1,0 +1,408 @@
+"""Tests for vllm_pp.algorithm: pure tensor functions, no vLLM."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_pp.algorithm.history import (
+    CalibrationMoments,
+    ema_update_,
+    fuse_probe_with_history,
+    position_buckets,
+    probe_only_statistic,
+)
+from vllm_pp.algorithm.probe import num_probe_tokens, select_probe_tokens, token_importance
+from vllm_pp.algorithm.scores import (
+    attention_head_scores,
+    channel_weight_norm,
+    flap_bias_compensation,
+    flap_channel_scores,
+    flap_head_scores,
+    mlp_channel_scores,
+    wanda_sp_channel_scores,
+    wanda_sp_head_scores,
+)
+from vllm_pp.algorithm.selection import (
+    flap_allocation,
+    kept_heads_to_channels,
+    layer_ratio,
+    num_kept_channels,
+    num_kept_heads,
+    top_k_indices,
+)
+
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- probe
+
+
+def test_token_importance_is_float32_l2_norm():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1.0, 1.0]], dtype=torch.bfloat16)
+    out = token_importance(x)
+    assert out.dtype == torch.float32 and out.shape == (3,)
+    torch.testing.assert_close(out, torch.tensor([5.0, 0.0, math.sqrt(2.0)]))
+
+
+def test_token_importance_accumulates_in_float32():
+    # 4096 bf16 ones: a bf16 accumulator would stall at 256 (its integer limit).
+    x = torch.ones(1, 4096, dtype=torch.bfloat16)
+    assert token_importance(x).item() == pytest.approx(64.0)
+
+
+@pytest.mark.parametrize(
+    "num_tokens, ratio, min_tokens, expected",
+    [(10, 0.5, 1, 5), (7, 0.5, 1, 4), (1, 0.5, 1, 1), (0, 0.5, 1, 0), (20, 0.05, 2, 2),
+     (1, 0.05, 2, 1), (4, 1.0, 1, 4), (4, 2.0, 1, 4), (512, 0.1, 1, 52)],
+)
+def test_num_probe_tokens(num_tokens, ratio, min_tokens, expected):
+    assert num_probe_tokens(num_tokens, ratio, min_tokens) == expected
+
+
+def test_num_probe_tokens_rejects_negative():
+    with pytest.raises(ValueError):
+        num_probe_tokens(4, -0.1)
+
+
+def test_select_probe_tokens_ascending_and_ties_to_lower_index():
+    importance = torch.tensor([1.0, 5.0, 3.0, 5.0, 0.0, 3.0])
+    assert select_probe_tokens(importance, 2).tolist() == [1, 3]
+    assert select_probe_tokens(importance, 1).tolist() == [1]
+    assert select_probe_tokens(importance, 3).tolist() == [1, 2, 3]  # 2 beats 5 on the tie
+    assert select_probe_tokens(importance, 0).tolist() == []
+    assert select_probe_tokens(importance, 6).tolist() == list(range(6))
+
+
+# ------------------------------------------------------------------------- selection
+
+
+def _reference_top_k(scores: list[float], k: int) -> list[int]:
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:k])
+
+
+def test_top_k_indices_matches_reference_with_many_ties():
+    g = _gen(1)
+    for _ in range(50):
+        n = int(torch.randint(1, 40, (1,), generator=g))
+        # Few distinct values, so ties are everywhere.
+        scores = torch.randint(0, 4, (n,), generator=g).float()
+        k = int(torch.randint(0, n + 1, (1,), generator=g))
+        out = top_k_indices(scores, k)
+        assert out.dtype == torch.int64
+        assert out.tolist() == _reference_top_k(scores.tolist(), k)
+
+
+def test_top_k_indices_all_equal_and_nan():
+    assert top_k_indices(torch.zeros(5), 3).tolist() == [0, 1, 2]
+    scores = torch.tensor([float("nan"), 1.0, float("-inf"), 2.0])
+    assert top_k_indices(scores, 2).tolist() == [1, 3]
+    # NaN ranks with -inf; the tie between them goes to the lower index.
+    assert top_k_indices(scores, 3).tolist() == [0, 1, 3]
+    with pytest.raises(ValueError):
+        top_k_indices(torch.zeros(3), 4)
+
+
+@pytest.mark.parametrize(
+    "ratio, layers, expected",
+    [(0.2, 32, 0.22), (0.4, 32, 0.44), (0.2, 40, 0.22), (0.4, 40, 0.43), (0.0, 32, 0.0)],
+)
+def test_layer_ratio_spec_table(ratio, layers, expected):
+    assert layer_ratio(ratio, layers, 3) == expected
+
+
+def test_layer_ratio_edge_cases():
+    assert layer_ratio(0.4, 32, 0) == 0.4
+    assert layer_ratio(0.95, 32, 3) == 1.0  # capped
+    with pytest.raises(ValueError):
+        layer_ratio(0.4, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "heads, ratio, kept",
+    [(32, 0.22, 25), (32, 0.44, 18), (40, 0.22, 32), (40, 0.43, 23), (32, 0.0, 32), (4, 1.0, 1)],
+)
+def test_num_kept_heads_spec_table(heads, ratio, kept):
+    assert num_kept_heads(heads, ratio) == kept
+
+
+@pytest.mark.parametrize(
+    "width, ratio, kept",
+    [(11008, 0.44, 6208), (11008, 0.22, 8640), (13824, 0.43, 7936), (13824, 0.22, 10816),
+     (20480, 0.43, 11712), (20480, 0.22, 16000), (14336, 0.44, 8064), (14336, 0.22, 11200)],
+)
+def test_num_kept_channels_spec_table(width, ratio, kept):
+    assert num_kept_channels(width, ratio, 64) == kept
+    assert kept % 64 == 0
+
+
+def test_num_kept_channels_rounding_edges():
+    assert num_kept_channels(11008, 0.44, 1) == 11008 - 4843  # no rounding
+    assert num_kept_channels(100, 0.1, 64) == 100  # rounded-up count capped at the width
+    assert num_kept_channels(11008, 1.0, 64) == 64  # at least one channel, then rounded
+    assert num_kept_channels(10, 1.0, 1) == 1
+    assert num_kept_channels(11008, 0.0, 64) == 11008
+
+
+def test_kept_heads_to_channels():
+    out = kept_heads_to_channels(torch.tensor([0, 2]), 3)
+    assert out.tolist() == [0, 1, 2, 6, 7, 8]
+    assert kept_heads_to_channels(torch.tensor([], dtype=torch.long), 4).numel() == 0
+
+
+def test_flap_allocation_hand_example_mlp_only():
+    # One layer, costs 1: prune the 2 lowest of 4 at ratio 0.5.
+    heads, channels = flap_allocation([], 1, [torch.tensor([3.0, 0.0, 2.0, 1.0])], 0.5, 1.0, 1.0)
+    assert heads == [] and channels == [2]
+    assert flap_allocation([], 1, [torch.arange(4.0)], 0.0, 1.0, 1.0) == ([], [4])
+    assert flap_allocation([], 1, [torch.arange(4.0)], 1.0, 1.0, 1.0) == ([], [1])
+
+
+def test_flap_allocation_weights_heads_by_cost():
+    # Layer has 2 heads of 2 channels (cost 5 each) and 6 MLP channels (cost 1): total 16.
+    attn = [torch.tensor([0.0, 0.0, 10.0, 10.0])]  # standardised head means: -0.866, +0.866
+    mlp = [torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, 5.0])]  # standardised: -1.34 ... +1.34
+    # Ascending pool: ch0 (-1.34, cost 1), ch1 (-0.80, 1), head0 (-0.87 < -0.80, 5) ...
+    # order: ch0(1) head0(6) ch1(7) ch2(8) ...; ratio 0.4 -> target 6.4 -> prune ch0, head0, ch1.
+    heads, channels = flap_allocation(attn, 2, mlp, 0.4, 5.0, 1.0)
+    assert heads == [1] and channels == [4]
+
+
+def test_flap_allocation_standardises_channels_before_head_mean():
+    # Channels [0, 10 | 1, 11]: head means 5 and 6, channel std 5.80, so the
+    # standardised head means are only -/+0.086. (Standardising the head means
+    # themselves would give -/+0.707 and put head 0 before MLP channel 1.)
+    attn = [torch.tensor([0.0, 10.0, 1.0, 11.0])]
+    mlp = [torch.arange(4.0)]  # standardised: -1.16, -0.39, 0.39, 1.16
+    # Unit costs 1, total 6, ratio 0.3: target 1.8, reached by the 2 lowest units.
+    heads, channels = flap_allocation(attn, 2, mlp, 0.3, 1.0, 1.0)
+    assert heads == [2] and channels == [2]
+
+
+def test_flap_allocation_cost_share_and_layer_preference():
+    g = _gen(2)
+    # Layer 0: right-skewed scores (most units below the layer mean, standardised < 0);
+    # layer 1: left-skewed (most units above the mean). Same scale otherwise.
+    base = torch.rand(1024, generator=g).pow(4)
+    mlp = [base * 7.0, -base * 3.0 + 10.0]
+    # Heads: layer 0 has one strong head among weak ones, layer 1 one weak among strong.
+    attn = [
+        torch.tensor([0.0] * 7 + [10.0]).repeat_interleave(16),
+        torch.tensor([0.0] + [10.0] * 7).repeat_interleave(16),
+    ]
+    head_cost, channel_cost, ratio = 40.0, 3.0, 0.4
+    heads, channels = flap_allocation(attn, 8, mlp, ratio, head_cost, channel_cost)
+    pruned_cost = sum((8 - h) * head_cost for h in heads)
+    pruned_cost += sum((1024 - c) * channel_cost for c in channels)
+    total = 2 * (8 * head_cost + 1024 * channel_cost)
+    # The prefix stops at the first unit that reaches the target: overshoot < one head.
+    assert ratio * total <= pruned_cost < ratio * total + head_cost
+    assert channels[0] < channels[1]
+    assert heads[0] < heads[1]
+
+
+def test_flap_allocation_channel_multiple():
+    _, channels = flap_allocation([], 1, [torch.arange(100.0)], 0.5, 1.0, 1.0, channel_multiple=8)
+    assert channels == [56]
+
+
+# --------------------------------------------------------------------------- history
+
+
+def test_position_buckets():
+    pos = torch.tensor([0, 1, 15, 16, 100, 5000])
+    assert position_buckets(pos, 16, 8).tolist() == [0, 0, 0, 1, 6, 7]
+    assert position_buckets(pos, 1, 1024).tolist() == [0, 1, 15, 16, 100, 1023]
+    assert position_buckets(pos, 16, 1).tolist() == [0] * 6
+
+
+def test_fuse_hand_example():
+    pb = torch.tensor([[1.0, 3.0], [2.0, 0.0]])
+    hs = torch.tensor([[1.0, 1.0], [2.0, 4.0]])
+    # F = (pb^2 + hs^2) / (pb + hs) up to the 1e-6 in the denominator.
+    expected = torch.tensor([1.0 + 2.0, 10.0 / 4.0 + 4.0])
+    out = fuse_probe_with_history(pb, hs)
+    assert out.dtype == torch.float32 and out.shape == (2,)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_limits_and_bf16():
+    g = _gen(3)
+    pb = torch.rand(5, 7, generator=g) + 0.5
+    zeros = torch.zeros(5, 7)
+    # History 0 -> probe (alpha = pb / (pb + 1e-6)); probe 0 -> exactly history.
+    torch.testing.assert_close(fuse_probe_with_history(pb, zeros), pb.sum(0), rtol=1e-5, atol=1e-5)
+    assert torch.equal(fuse_probe_with_history(zeros, pb), pb.sum(0))
+    out = fuse_probe_with_history(pb.bfloat16(), pb.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, pb.bfloat16().float().sum(0), rtol=1e-5, atol=1e-5)
+
+
+def test_fuse_clamps_non_finite():
+    pb = torch.tensor([[float("inf"), float("nan"), 1e9]])
+    hs = torch.zeros(1, 3)
+    out = fuse_probe_with_history(pb, hs)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, torch.tensor([FP16_MAX, 0.0, FP16_MAX]))
+    assert fuse_probe_with_history(pb, hs, clamp_max=10.0)[2].item() == pytest.approx(10.0)
+    with pytest.raises(ValueError):
+        fuse_probe_with_history(torch.zeros(2, 3), torch.zeros(3, 3))
+
+
+def test_probe_only_statistic():
+    pb = torch.tensor([[1.0, 2.0], [3.0, float("inf")]], dtype=torch.float16)
+    out = probe_only_statistic(pb)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([4.0, 2.0 + FP16_MAX]))
+
+
+def test_ema_update_hand_example_and_pruned_untouched():
+    history = torch.full((3, 4), 10.0)
+    buckets = torch.tensor([0, 0, 2])
+    kept = torch.tensor([1, 3])
+    sq = torch.tensor([[2.0, 4.0], [4.0, 8.0], [20.0, 0.0]])
+    assert ema_update_(history, buckets, sq, kept, 0.5) == 0
+    expected = torch.tensor(
+        [[10.0, 0.5 * 10 + 0.5 * 3.0, 10.0, 0.5 * 10 + 0.5 * 6.0],
+         [10.0, 10.0, 10.0, 10.0],  # bucket absent from the step
+         [10.0, 15.0, 10.0, 5.0]]
+    )
+    assert torch.equal(history, expected)
+
+
+def test_ema_update_matches_loop_reference():
+    g = _gen(4)
+    history = torch.rand(6, 10, generator=g)
+    buckets = torch.randint(0, 6, (40,), generator=g)
+    kept = torch.tensor([0, 3, 4, 9])
+    sq = torch.rand(40, 4, generator=g)
+    reference = history.clone()
+    for b in buckets.unique().tolist():
+        mean = sq[buckets == b].mean(0)
+        reference[b, kept] = 0.99 * reference[b, kept] + 0.01 * mean
+    ema_update_(history, buckets, sq, kept, 0.99)
+    torch.testing.assert_close(history, reference)
+    assert torch.equal(history[:, [1, 2, 5, 6, 7, 8]], reference[:, [1, 2, 5, 6, 7, 8]])
+
+
+def test_ema_update_skips_non_finite_rows():
+    history = torch.ones(4, 3)
+    buckets = torch.tensor([0, 1, 1, 3])
+    kept = torch.tensor([0, 2])
+    sq = torch.tensor([[1.0, 1.0], [float("nan"), 0.0], [1.0, 1.0], [float("inf"), 1.0]])
+    assert ema_update_(history, buckets, sq, kept, 0.9) == 2
+    assert torch.isfinite(history).all()
+    assert torch.equal(history[1], torch.ones(3)) and torch.equal(history[3], torch.ones(3))
+    assert history[0].tolist() == [1.0, 1.0, 1.0]  # 0.9 + 0.1 * 1 == 1
+
+
+def test_ema_update_skips_rows_overflowing_history_dtype():
+    history = torch.full((1, 2), 60000.0, dtype=torch.float16)
+    sq = torch.tensor([[1e6, 1.0]])
+    assert ema_update_(history, torch.tensor([0]), sq, torch.tensor([0, 1]), 0.5) == 1
+    assert torch.equal(history, torch.full((1, 2), 60000.0, dtype=torch.float16))
+
+
+def test_ema_update_empty_step_and_bad_shapes():
+    history = torch.ones(2, 2)
+    empty = torch.zeros(0, dtype=torch.long)
+    assert ema_update_(history, empty, torch.zeros(0, 1), torch.tensor([0]), 0.9) == 0
+    assert torch.equal(history, torch.ones(2, 2))
+    with pytest.raises(ValueError):
+        ema_update_(history, torch.tensor([0]), torch.zeros(1, 2), torch.tensor([0]), 0.9)
+    with pytest.raises(ValueError):
+        ema_update_(history, torch.tensor([0]), torch.zeros(1, 1), torch.tensor([0]), 1.5)
+
+
+def test_calibration_moments_match_torch_over_uneven_batches():
+    g = _gen(5)
+    num_buckets, channels = 4, 6
+    # Large offset: the naive E[x^2] - E[x]^2 would lose digits, Chan's merge does not.
+    x = torch.randn(203, channels, generator=g, dtype=torch.float64) * 3.0 + 1e4
+    buckets = torch.randint(0, num_buckets - 1, (203,), generator=g)  # bucket 3 stays empty
+    moments = CalibrationMoments(num_buckets, channels)
+    x[50] = x[50].float().double()  # this row goes in as a float32 batch below
+    for start, stop in [(0, 1), (1, 50), (50, 51), (51, 140), (140, 203)]:
+        batch = x[start:stop].float() if start == 50 else x[start:stop]
+        moments.update(batch, buckets[start:stop])
+    for b in range(num_buckets - 1):
+        rows = x[buckets == b]
+        assert moments.count[b].item() == rows.shape[0]
+        torch.testing.assert_close(moments.mean[b], rows.mean(0), rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(
+            moments.variance[b], rows.var(0, unbiased=False), rtol=1e-9, atol=1e-9
+        )
+        torch.testing.assert_close(
+            moments.sq_mean[b], (rows * rows).mean(0), rtol=1e-12, atol=1e-6
+        )
+    assert moments.count[3].item() == 0
+    assert torch.equal(moments.variance[3], torch.zeros(channels))
+    assert torch.equal(moments.mean[3], torch.zeros(channels))
+    merged = moments.merged_over_buckets()
+    assert merged.count == 203
+    torch.testing.assert_close(merged.mean, x.mean(0), rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(merged.variance, x.var(0, unbiased=False), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(merged.sq_mean, (x * x).mean(0), rtol=1e-12, atol=1e-6)
+    assert moments.mean.shape == (num_buckets, channels) and merged.mean.shape == (channels,)
+
+
+def test_calibration_moments_rejects_bad_shape():
+    with pytest.raises(ValueError):
+        CalibrationMoments(2, 3).update(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------- scores
+
+
+def test_channel_weight_norm_hand_example():
+    w = torch.tensor([[1.0, 2.0], [1.0, 0.0], [1.0, -2.0]], dtype=torch.bfloat16)
+    out = channel_weight_norm(w)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([math.sqrt(3.0), math.sqrt(32.0)]))
+
+
+def test_pp_scores_match_direct_formula():
+    g = _gen(6)
+    d, heads, hd = 12, 4, 5
+    w = torch.randn(d, heads * hd, generator=g)
+    c = torch.rand(heads * hd, generator=g)
+    block = c * w.square()  # [D, H*hd]: c_k * W[i, k]^2
+    norm = channel_weight_norm(w)
+    torch.testing.assert_close(mlp_channel_scores(c, norm), torch.linalg.vector_norm(block, dim=0))
+    direct = torch.linalg.vector_norm(block.reshape(d, heads, hd), dim=(0, 2))
+    out = attention_head_scores(c, norm, heads)
+    assert out.shape == (heads,)
+    torch.testing.assert_close(out, direct)
+    with pytest.raises(ValueError):
+        attention_head_scores(c, norm, 3)
+
+
+def test_wanda_sp_and_flap_scores():
+    w = torch.tensor([[1.0, -2.0, 0.5, 0.0], [-3.0, 1.0, 0.5, 2.0]])
+    sq_mean = torch.tensor([4.0, 1.0, 16.0, 9.0])
+    wanda = wanda_sp_channel_scores(w, sq_mean)
+    torch.testing.assert_close(wanda, torch.tensor([8.0, 3.0, 4.0, 6.0]))
+    torch.testing.assert_close(wanda_sp_head_scores(wanda, 2), torch.tensor([11.0, 10.0]))
+    var = torch.tensor([1.0, 2.0, 4.0, 0.5])
+    flap = flap_channel_scores(w, var)
+    torch.testing.assert_close(flap, torch.tensor([10.0, 10.0, 2.0, 2.0]))
+    torch.testing.assert_close(flap_head_scores(flap, 2), torch.tensor([10.0, 2.0]))
+
+
+def test_flap_bias_compensation_replaces_pruned_inputs_by_mean():
+    g = _gen(7)
+    w = torch.randn(6, 10, generator=g)
+    mean = torch.randn(10, generator=g)
+    x = torch.randn(10, generator=g)
+    pruned = torch.tensor([1, 4, 7])
+    kept = torch.tensor([0, 2, 3, 5, 6, 8, 9])
+    x_filled = x.clone()
+    x_filled[pruned] = mean[pruned]
+    out = w[:, kept] @ x[kept] + flap_bias_compensation(w, mean, pruned)
+    torch.testing.assert_close(out, w @ x_filled)
+    assert flap_bias_compensation(w, mean, pruned).shape == (6,)

@@ -1,0 +1,180 @@
+"""History of the output projection's input statistics (spec 2).
+
+The history ``H[b, k]`` estimates ``E[x_k^2]``, the mean squared input of
+o_proj / down_proj at channel ``k`` for tokens whose position falls in bucket
+``b``. The paper keeps one row per absolute position 0..1023 (bucket size 1);
+serving may use coarser buckets, and one bucket makes the history
+position-agnostic.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def position_buckets(positions: Tensor, bucket_size: int, num_buckets: int) -> Tensor:
+    """History row of each token: ``min(pos // bucket_size, num_buckets - 1)``.
+
+    positions: LongTensor ``[T]`` (absolute positions within each sequence).
+    Returns LongTensor ``[T]`` in ``[0, num_buckets)``. Positions beyond the
+    last bucket share it, so long contexts never index out of range; clamping
+    below as well makes every input a valid row index.
+    """
+    if bucket_size < 1 or num_buckets < 1:
+        raise ValueError(f"need bucket_size, num_buckets >= 1, got {bucket_size}, {num_buckets}")
+    return torch.div(positions, bucket_size, rounding_mode="floor").clamp(0, num_buckets - 1)
+
+
+def _finite_nonneg(x: Tensor, clamp_max: float) -> Tensor:
+    """``x`` in float32 with NaN -> 0 and values clamped to ``[0, clamp_max]``.
+
+    The inputs are squared statistics, so they are non-negative by construction;
+    this only removes what an fp16/bf16 overflow may have produced.
+    """
+    return torch.nan_to_num(x.float(), nan=0.0, posinf=clamp_max, neginf=0.0).clamp(0.0, clamp_max)
+
+
+def fuse_probe_with_history(
+    probe_sq: Tensor, history_rows: Tensor, clamp_max: float = FP16_MAX
+) -> Tensor:
+    """Importance-scaled fusion of probe and history (spec 2.3), summed over probe rows.
+
+    probe_sq: ``[P, C]`` squared o_proj/down_proj inputs of the P probe tokens
+    (in serving each token is its own sample, so ``Pb = Z^2``, ``n_eff = 1``).
+    history_rows: ``[P, C]``, the history row of each probe token's bucket.
+    ``alpha = Pb / (Pb + Hs + 1e-6)``, ``F = alpha * Pb + (1 - alpha) * Hs``:
+    the larger source dominates. Returns ``c = sum_t F[t]``, ``[C]`` float32.
+    """
+    if probe_sq.shape != history_rows.shape:
+        raise ValueError(
+            f"shape mismatch: probe {tuple(probe_sq.shape)}, history {tuple(history_rows.shape)}"
+        )
+    pb = _finite_nonneg(probe_sq, clamp_max)
+    hs = _finite_nonneg(history_rows, clamp_max)
+    alpha = pb / (pb + hs + 1e-6)
+    return (alpha * pb + (1.0 - alpha) * hs).sum(dim=0)
+
+
+def probe_only_statistic(probe_sq: Tensor, clamp_max: float = FP16_MAX) -> Tensor:
+    """Probe statistic without history (ablation, Full-Batch Probing): ``sum_t Pb[t]``.
+
+    probe_sq: ``[P, C]``. Returns ``[C]`` float32.
+    """
+    return _finite_nonneg(probe_sq, clamp_max).sum(dim=0)
+
+
+def ema_update_(
+    history: Tensor, buckets: Tensor, sq_activations: Tensor, kept: Tensor, momentum: float
+) -> int:
+    """EMA update of the history from one step's full inference (spec 2.4), in place.
+
+    history: ``[B, C]``; buckets: LongTensor ``[T]``; sq_activations: ``[T, K]``
+    squared inputs of the kept channels; kept: LongTensor ``[K]`` (unique).
+    For every bucket b present in ``buckets``:
+    ``history[b, kept] = m * history[b, kept] + (1 - m) * mean_{t in b} sq[t]``.
+    Pruned channels are neither decayed nor refreshed. A row whose new value is
+    not finite (in ``history``'s dtype) is left unchanged so NaN/inf never enter
+    the history. Returns the number of rows skipped (0 normally).
+
+    Synchronises with the device (``unique`` and the returned count).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if sq_activations.shape != (buckets.numel(), kept.numel()):
+        raise ValueError(
+            f"sq_activations {tuple(sq_activations.shape)} != "
+            f"(T={buckets.numel()}, K={kept.numel()})"
+        )
+    # Work on the present rows only: with per-position history B can be 1024
+    # while a decode-heavy step touches a handful of buckets.
+    rows, inverse = torch.unique(buckets, return_inverse=True)
+    sums = torch.zeros(rows.numel(), kept.numel(), dtype=torch.float32, device=history.device)
+    sums.index_add_(0, inverse, sq_activations.float())
+    counts = torch.bincount(inverse, minlength=rows.numel()).unsqueeze(1)
+    index = (rows.unsqueeze(1), kept.unsqueeze(0))
+    new = (momentum * history[index].float() + (1.0 - momentum) * sums / counts).to(history.dtype)
+    finite = torch.isfinite(new).all(dim=1)
+    history[rows[finite].unsqueeze(1), kept.unsqueeze(0)] = new[finite]
+    return int((~finite).sum().item())
+
+
+class MergedMoments(NamedTuple):
+    """Position-agnostic moments (float64): total count, and ``[C]`` mean, E[x^2], variance."""
+
+    count: int
+    mean: Tensor
+    sq_mean: Tensor
+    variance: Tensor
+
+
+class CalibrationMoments:
+    """Per-bucket, per-channel count, mean, E[x^2] and variance of a calibration stream.
+
+    Feeds PP's initial history (``sq_mean``), FLAP (``variance``; ``mean`` for
+    bias compensation) and Wanda-sp (``sq_mean``). Batches are merged with
+    Chan's parallel update in float64, which stays accurate where the textbook
+    ``E[x^2] - E[x]^2`` cancels catastrophically.
+    """
+
+    def __init__(
+        self, num_buckets: int, num_channels: int, device: torch.device | str | None = None
+    ):
+        self._count = torch.zeros(num_buckets, dtype=torch.int64, device=device)
+        self._mean = torch.zeros(num_buckets, num_channels, dtype=torch.float64, device=device)
+        self._m2 = torch.zeros(num_buckets, num_channels, dtype=torch.float64, device=device)
+
+    def update(self, x: Tensor, buckets: Tensor) -> None:
+        """Add a batch. x: ``[T, C]``; buckets: LongTensor ``[T]`` in ``[0, B)``."""
+        num_buckets, num_channels = self._mean.shape
+        if x.shape != (buckets.numel(), num_channels):
+            raise ValueError(f"x {tuple(x.shape)} != (T={buckets.numel()}, C={num_channels})")
+        x = x.to(device=self._mean.device, dtype=torch.float64)
+        buckets = buckets.to(self._mean.device)
+        n_b = torch.bincount(buckets, minlength=num_buckets)
+        n_b64 = n_b.to(torch.float64).unsqueeze(1)
+        mean_b = torch.zeros_like(self._mean).index_add_(0, buckets, x) / n_b64.clamp(min=1.0)
+        dev = x - mean_b[buckets]
+        m2_b = torch.zeros_like(self._m2).index_add_(0, buckets, dev * dev)
+        n_a64 = self._count.to(torch.float64).unsqueeze(1)
+        n64 = (n_a64 + n_b64).clamp(min=1.0)
+        delta = mean_b - self._mean
+        # Buckets absent from the batch have n_b = 0, so both corrections vanish.
+        self._mean += delta * (n_b64 / n64)
+        self._m2 += m2_b + delta * delta * (n_a64 * n_b64 / n64)
+        self._count += n_b
+
+    @property
+    def count(self) -> Tensor:
+        """``[B]`` int64, samples seen per bucket."""
+        return self._count.clone()
+
+    @property
+    def mean(self) -> Tensor:
+        """``[B, C]`` float64 mean of x (0 for empty buckets)."""
+        return self._mean.clone()
+
+    @property
+    def variance(self) -> Tensor:
+        """``[B, C]`` float64 population variance within each bucket (0 for empty buckets)."""
+        return self._m2 / self._count.clamp(min=1).to(torch.float64).unsqueeze(1)
+
+    @property
+    def sq_mean(self) -> Tensor:
+        """``[B, C]`` float64 mean of x^2 (= variance + mean^2)."""
+        return self.variance + self._mean * self._mean
+
+    def merged_over_buckets(self) -> MergedMoments:
+        """Pool all buckets into position-agnostic ``[C]`` moments, weighting by counts.
+
+        The pooled variance includes the spread between bucket means (law of
+        total variance); it is not the sum or mean of per-bucket variances.
+        """
+        n = self._count.to(torch.float64).unsqueeze(1)
+        total = n.sum().clamp(min=1.0)
+        mean = (n * self._mean).sum(dim=0) / total
+        m2 = self._m2.sum(dim=0) + (n * (self._mean - mean) ** 2).sum(dim=0)
+        variance = m2 / total
+        return MergedMoments(int(self._count.sum().item()), mean, variance + mean * mean, variance)

@@ -1,0 +1,166 @@
+"""Pruning ratios, kept counts and kept indices (spec 3.3, 3.5 and 5).
+
+Counts mirror the official code's float arithmetic (``floor(r * n)``,
+``round(., 2)``) so kept counts match its runs exactly.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from vllm_pp.algorithm.scores import flap_head_scores
+
+
+def layer_ratio(ratio: float, num_layers: int, num_skipped: int) -> float:
+    """Per-layer ratio ``r' = round(r * L / (L - skipped), 2)`` (spec 3.5), capped at 1.
+
+    Spreads the model-wide ratio ``r`` over the pruned layers only. The product
+    is evaluated in the official code's order (``L / (L - s) * r``) so the
+    two-decimal rounding agrees with it; e.g. 32 layers, 3 skipped:
+    0.2 -> 0.22, 0.4 -> 0.44; 40 layers, 3 skipped: 0.4 -> 0.43.
+    """
+    if not 0 <= num_skipped < num_layers:
+        raise ValueError(f"need 0 <= num_skipped < num_layers, got {num_skipped}, {num_layers}")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    # A ratio near 1 with skipped layers would ask for more than everything.
+    return min(1.0, round(num_layers / (num_layers - num_skipped) * ratio, 2))
+
+
+def num_kept_heads(num_heads: int, ratio: float) -> int:
+    """Heads kept in a layer: ``H - floor(ratio * H)``, at least 1 (spec 3.3; no rounding)."""
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    return max(1, num_heads - math.floor(ratio * num_heads))
+
+
+def _round_kept_up(kept: int, width: int, multiple: int) -> int:
+    """Round a kept count (>= 1) up to a multiple of ``multiple``, capped at ``width``.
+
+    Equivalent to the code's "reduce the pruned count until the kept count is a
+    multiple" (spec 3.3); the cap covers widths that are not themselves multiples.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    return min(width, -(-max(1, kept) // multiple) * multiple)
+
+
+def num_kept_channels(width: int, ratio: float, multiple: int) -> int:
+    """MLP channels kept: prune ``floor(ratio * width)``, round the kept count up to ``multiple``.
+
+    ``multiple=1`` disables rounding (the code's ``noround``); the paper uses 64
+    (tensor-core friendly). LLaMA-2-7B (I=11008, multiple 64): r'=0.44 -> 6208,
+    r'=0.22 -> 8640. At least 1 channel is kept.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    return _round_kept_up(width - math.floor(ratio * width), width, multiple)
+
+
+def top_k_indices(scores: Tensor, k: int) -> Tensor:
+    """Indices of the ``k`` highest scores, in ascending index order.
+
+    scores: ``[N]`` float. Returns LongTensor ``[k]``. Exact, deterministic
+    ties: a stable ascending sort of the negated scores keeps equal scores in
+    index order, so the lower index wins. NaN scores rank lowest (an undefined
+    score is no evidence that a unit matters).
+    """
+    if scores.dim() != 1 or not 0 <= k <= scores.numel():
+        raise ValueError(f"need 1-D scores and 0 <= k <= N, got {tuple(scores.shape)}, k={k}")
+    ranked = torch.where(torch.isnan(scores), float("-inf"), scores)
+    order = torch.sort(-ranked, stable=True).indices
+    return torch.sort(order[:k]).values
+
+
+def kept_heads_to_channels(kept_heads: Tensor, head_dim: int) -> Tensor:
+    """Input-channel indices of the kept heads (head h owns ``[h*hd, (h+1)*hd)``).
+
+    kept_heads: LongTensor ``[H_kept]``. Returns LongTensor ``[H_kept * head_dim]``,
+    ascending when ``kept_heads`` is.
+    """
+    offsets = torch.arange(head_dim, device=kept_heads.device, dtype=kept_heads.dtype)
+    return (kept_heads.unsqueeze(1) * head_dim + offsets).reshape(-1)
+
+
+def _standardise(scores: Tensor) -> Tensor:
+    """``(x - mean) / std`` over one layer's units in float64; unbiased std, as in the code.
+
+    A constant layer (std 0, or a single unit) maps to zeros instead of NaN.
+    """
+    x = scores.double()
+    std = x.std() if x.numel() > 1 else x.new_zeros(())
+    centred = x - x.mean()
+    return centred / std if std > 0 else torch.zeros_like(centred)
+
+
+def flap_allocation(
+    attention_channel_scores: Sequence[Tensor],
+    num_heads: int,
+    mlp_channel_scores: Sequence[Tensor],
+    ratio: float,
+    head_cost: float,
+    channel_cost: float,
+    channel_multiple: int = 1,
+) -> tuple[list[int], list[int]]:
+    """FLAP's global adaptive structure (spec 5, steps 1-5): kept units per layer.
+
+    attention_channel_scores: per pruned layer, ``[H * hd]`` FLAP channel scores
+    of o_proj; mlp_channel_scores: per pruned layer, ``[I_l]`` scores of
+    down_proj. Either list may be empty (e.g. MLP-only pruning for LLaMA-3).
+
+    1. Standardise each layer's attention channel scores and MLP channel scores
+       separately (this is where FLAP's standardisation happens).
+    2. Reduce each head to the mean of its standardised channel scores.
+    3. Pool all heads and channels of all layers, each weighted by its cost.
+    4. Sort ascending (stable: ties go to the earlier unit, attention layers
+       first) and prune the smallest prefix whose cost reaches ``ratio`` times
+       the total cost.
+    5. Count each layer's pruned units; keep at least 1 head and 1 channel,
+       and round kept channels up to ``channel_multiple``.
+
+    ``ratio`` is the per-layer ratio ``r'`` from :func:`layer_ratio` (the code
+    passes ``r'``, since skipped layers are not in the pool). Only
+    ``head_cost / channel_cost`` matters. Per token, for LLaMA (D hidden, hd
+    head dim): a channel costs ``3 * D`` (gate, up, down); an MHA head costs
+    ``4 * D * hd`` (q, k, v, o rows/columns), and the official code adds the
+    attention core ``2 * S * hd`` for context length S (``max_seq_len``). Under
+    GQA K/V are not pruned (spec 3.4), so a head costs ``2 * D * hd`` (q, o)
+    plus the core, as in the code.
+
+    Returns ``(kept_heads, kept_channels)``: one int per layer of each list.
+    """
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    if head_cost <= 0 or channel_cost <= 0:
+        raise ValueError(f"costs must be positive, got {head_cost}, {channel_cost}")
+    # Offline and tiny next to a forward pass: work on the CPU in float64.
+    num_attn = len(attention_channel_scores)
+    units = [flap_head_scores(_standardise(s.cpu()), num_heads).double()
+             for s in attention_channel_scores]
+    units += [_standardise(s.cpu()) for s in mlp_channel_scores]
+    if not units:
+        return [], []
+    sizes = [u.numel() for u in units]
+    unit_costs = [head_cost] * num_attn + [channel_cost] * len(mlp_channel_scores)
+    scores = torch.cat(units)
+    costs = torch.cat(
+        [torch.full((n,), c, dtype=torch.float64) for n, c in zip(sizes, unit_costs)]
+    )
+    group = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    order = torch.sort(scores, stable=True).indices
+    cumulative = torch.cumsum(costs[order], dim=0)
+    target = ratio * cumulative[-1]
+    num_pruned = 0
+    if ratio > 0:
+        # First prefix whose cost reaches the target (float rounding may put the
+        # full total a hair below it; never prune more than everything).
+        num_pruned = min(len(order), int(torch.searchsorted(cumulative, target).item()) + 1)
+    pruned = torch.bincount(group[order[:num_pruned]], minlength=len(sizes)).tolist()
+    kept = [n - p for n, p in zip(sizes, pruned)]
+    kept_heads = [max(1, k) for k in kept[:num_attn]]
+    kept_channels = [
+        _round_kept_up(k, n, channel_multiple) for k, n in zip(kept[num_attn:], sizes[num_attn:])
+    ]
+    return kept_heads, kept_channels
