@@ -1,0 +1,177 @@
+"""The ``vllm-pp`` command line: ``vllm-pp <group> <command> [options]``.
+
+Each group registers itself with an ``add_*_commands(subparsers)`` function and each
+command sets ``handler``; add new groups (``calibrate``, ``eval``) the same way in
+:func:`build_parser`. Handlers import their modules lazily so that ``--help`` is quick,
+and nothing here imports vLLM.
+
+A handler returns the lines to print on stdout (paths, one per line); progress and
+warnings go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+# Everything the asset builders need is local or comes from PyPI; never wait on a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vllm-pp", description="Probe Pruning for vLLM: assets and tools.")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    add_model_commands(groups)
+    add_data_commands(groups)
+    add_calibrate_command(groups)
+    add_eval_commands(groups)
+    return parser
+
+
+def add_model_commands(groups: argparse._SubParsersAction) -> None:
+    model = groups.add_parser("model", help="prepare models")
+    commands = model.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    prepare = commands.add_parser(
+        "prepare", help="build (or verify) the default SmolLM2-135M-Instruct model and "
+                        "print its directory")
+    _add_out_and_quiet(prepare)
+    prepare.set_defaults(handler=_model_prepare)
+
+    from vllm_pp.random_models import FAMILIES  # plain data, no torch import
+
+    random = commands.add_parser(
+        "random", help="build (or verify) a seeded random-weight model and print its directory")
+    random.add_argument("--family", required=True, choices=list(FAMILIES))
+    random.add_argument("--seed", type=int, default=0)
+    _add_out_and_quiet(random)
+    random.set_defaults(handler=_model_random)
+
+
+def add_data_commands(groups: argparse._SubParsersAction) -> None:
+    data = groups.add_parser("data", help="prepare text data")
+    commands = data.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    prepare = commands.add_parser(
+        "prepare", help="build (or verify) the evaluation and calibration text and print "
+                        "their paths (evaluation first)")
+    _add_out_and_quiet(prepare)
+    prepare.set_defaults(handler=_data_prepare)
+
+
+def add_calibrate_command(groups: argparse._SubParsersAction) -> None:
+    calibrate = groups.add_parser(
+        "calibrate", help="record the dense model's statistics for PP, FLAP and Wanda-sp")
+    calibrate.add_argument("--model", required=True, help="model directory")
+    calibrate.add_argument("--out", type=Path, required=True, help="calibration file to write")
+    calibrate.add_argument("--text", type=Path,
+                           help="calibration text (default: the prepared calibration text)")
+    calibrate.add_argument("--num-samples", type=_positive_int, default=256)
+    calibrate.add_argument("--seq-len", type=_positive_int, default=512)
+    calibrate.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step")
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
+    calibrate.add_argument("--dtype", default="auto")
+    calibrate.set_defaults(handler=_calibrate)
+
+
+def add_eval_commands(groups: argparse._SubParsersAction) -> None:
+    evaluate = groups.add_parser("eval", help="quality evaluation")
+    commands = evaluate.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    ppl = commands.add_parser("ppl", help="perplexity over contiguous windows of the evaluation text")
+    ppl.add_argument("--model", required=True, help="model directory")
+    ppl.add_argument("--text", type=Path, help="evaluation text (default: the prepared one)")
+    ppl.add_argument("--method", default="probe")
+    ppl.add_argument("--ratio", type=float, default=0.0)
+    ppl.add_argument("--calibration", type=Path)
+    ppl.add_argument("--probe-ratio", type=float)
+    ppl.add_argument("--seq-len", type=_positive_int, default=512)
+    ppl.add_argument("--num-windows", type=_positive_int, default=128)
+    ppl.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step")
+    ppl.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
+    ppl.add_argument("--dtype", default="auto")
+    ppl.add_argument("--json", type=Path, help="write settings and result here")
+    ppl.set_defaults(handler=_eval_ppl)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: expected an integer >= 1")
+    return value
+
+
+def _calibrate(args: argparse.Namespace) -> list[str]:
+    from vllm_pp.offline import calibrate
+    from vllm_pp.text_data import prepare_text
+
+    text = args.text or prepare_text(quiet=True).calibration
+    info = calibrate(args.model, args.out, text=text, num_samples=args.num_samples,
+                     seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                     tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+    return [info["out"]]
+
+
+def _eval_ppl(args: argparse.Namespace) -> list[str]:
+    import json
+
+    from vllm_pp.offline import PerplexityRun, evaluate_perplexity, run_as_dict
+    from vllm_pp.text_data import prepare_text
+
+    run = PerplexityRun(
+        model=args.model, text=str(args.text or prepare_text(quiet=True).evaluation),
+        method=args.method, ratio=args.ratio,
+        calibration=str(args.calibration) if args.calibration else None,
+        probe_ratio=args.probe_ratio, seq_len=args.seq_len, num_windows=args.num_windows,
+        batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+    result = run_as_dict(evaluate_perplexity(run))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return [f"perplexity {result['perplexity']:.4f} ({result['method']}, ratio {result['ratio']})"]
+
+
+def _add_out_and_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, help="output directory (default: in the cache)")
+    parser.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+
+def _model_prepare(args: argparse.Namespace) -> list[Path]:
+    from vllm_pp.default_model import prepare_default_model
+
+    return [prepare_default_model(args.out, quiet=args.quiet)]
+
+
+def _model_random(args: argparse.Namespace) -> list[Path]:
+    from vllm_pp.random_models import build_random_model
+
+    return [build_random_model(args.family, args.out, seed=args.seed, quiet=args.quiet)]
+
+
+def _data_prepare(args: argparse.Namespace) -> list[Path]:
+    from vllm_pp.text_data import prepare_text
+
+    paths = prepare_text(args.out, quiet=args.quiet)
+    return [paths.evaluation, paths.calibration]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        results = args.handler(args)
+    except (RuntimeError, ValueError, OSError) as error:
+        print(f"vllm-pp: error: {error}", file=sys.stderr)
+        return 1
+    for path in results:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The one validated configuration object of probe pruning.
+
+It travels inside ``VllmConfig.additional_config["probe_pruning"]`` (a plain
+JSON dict), so it reaches every worker under mp, tensor parallel and Ray, and
+is part of vLLM's config hash. Users write it with ``--pp-ratio`` and friends
+(see :mod:`vllm_pp.runtime_patches`), with
+``--additional-config '{"probe_pruning": {...}}'`` or with
+``LLM(..., additional_config={"probe_pruning": {...}})``.
+
+This module imports neither torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+ADDITIONAL_CONFIG_KEY = "probe_pruning"
+
+# Built-in methods, by the name users type. A "package.module:ClassName" string
+# names an out-of-tree method instead (used by the tests' fixed-mask hook).
+BUILTIN_METHODS = ("probe", "full-batch", "flap", "wanda-sp", "dense", "calibration")
+# Methods that run the pruned-execution path to record statistics, not to prune.
+RECORDING_METHODS = ("calibration",)
+
+# The paper never prunes the first three decoder layers (spec 3.6).
+DEFAULT_SKIP_LAYERS = (0, 1, 2)
+
+
+class ProbePruningConfigError(ValueError):
+    """A bad probe-pruning setting; the message is one line naming value and range."""
+
+
+def _number(name: str, value: Any, low: float, high: float, *, high_open: bool) -> float:
+    allowed = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProbePruningConfigError(
+            f"probe_pruning.{name}={value!r} is invalid: expected a number in {allowed}"
+        )
+    value = float(value)
+    too_high = value >= high if high_open else value > high
+    if math.isnan(value) or value < low or too_high:
+        raise ProbePruningConfigError(
+            f"probe_pruning.{name}={value!r} is invalid: expected a number in {allowed}"
+        )
+    return value
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProbePruningConfigError(
+            f"probe_pruning.{name}={value!r} is invalid: expected an integer >= 1"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """How many of a step's tokens run ahead through each pruned block."""
+
+    # Share of the step's tokens probed. The paper probes 1 of 20 samples x 50%
+    # of its tokens, i.e. 2.5% of the batch's tokens.
+    ratio: float = 0.025
+    # Lower bound, so that small decode steps still probe something.
+    min_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        if _number("probe.ratio", self.ratio, 0.0, 1.0, high_open=False) == 0.0:
+            raise ProbePruningConfigError(
+                "probe_pruning.probe.ratio=0.0 is invalid: expected a number in (0, 1]"
+            )
+        _positive_int("probe.min_tokens", self.min_tokens)
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    """The per-worker history store (spec section 2)."""
+
+    # A saved history to load at start-up and to save at clean shutdown.
+    path: str | None = None
+    # EMA momentum of the update after full inference (paper: 0.99).
+    ema_momentum: float = 0.99
+    # Positions share a history row per bucket of this many positions; the
+    # paper keeps one row per position (1). 0 keeps one row for all positions.
+    position_bucket_size: int = 1
+
+    def __post_init__(self) -> None:
+        _number("history.ema_momentum", self.ema_momentum, 0.0, 1.0, high_open=True)
+        size = self.position_bucket_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ProbePruningConfigError(
+                f"probe_pruning.history.position_bucket_size={size!r} is invalid: "
+                "expected an integer >= 0 (0: one row for all positions)"
+            )
+
+
+@dataclass(frozen=True)
+class ProbePruningConfig:
+    """Everything a worker needs to decide what to prune."""
+
+    # Share of attention heads and MLP channels pruned, averaged over layers.
+    # 0 turns pruning off: the model is then vanilla vLLM.
+    ratio: float = 0.0
+    method: str = "probe"
+    # Free-form options handed to an out-of-tree method's constructor.
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    # Calibration statistics file written by `vllm-pp calibrate`.
+    calibration: str | None = None
+    # Decoder layers never pruned (all methods).
+    skip_layers: tuple[int, ...] = DEFAULT_SKIP_LAYERS
+    # Kept MLP channel counts are rounded up to a multiple of this (spec 3.3).
+    channel_multiple: int = 64
+
+    def __post_init__(self) -> None:
+        _number("ratio", self.ratio, 0.0, 1.0, high_open=True)
+        if self.method not in BUILTIN_METHODS and ":" not in self.method:
+            allowed = ", ".join(BUILTIN_METHODS)
+            raise ProbePruningConfigError(
+                f"probe_pruning.method={self.method!r} is invalid: expected one of "
+                f"{allowed}, or 'package.module:ClassName'"
+            )
+        if not isinstance(self.method_options, Mapping):
+            raise ProbePruningConfigError(
+                f"probe_pruning.method_options={self.method_options!r} is invalid: "
+                "expected a JSON object"
+            )
+        skip = self.skip_layers
+        if not isinstance(skip, (list, tuple)) or any(
+            isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in skip
+        ):
+            raise ProbePruningConfigError(
+                f"probe_pruning.skip_layers={skip!r} is invalid: expected a list of "
+                "layer indices >= 0"
+            )
+        object.__setattr__(self, "skip_layers", tuple(sorted(set(skip))))
+        _positive_int("channel_multiple", self.channel_multiple)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model runs the pruned-execution path at all."""
+        return self.ratio > 0.0 or self.method in RECORDING_METHODS
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "ProbePruningConfig":
+        """Build from the JSON dict users write; unknown keys are errors."""
+        if not isinstance(raw, Mapping):
+            raise ProbePruningConfigError(
+                f"additional_config.{ADDITIONAL_CONFIG_KEY}={raw!r} is invalid: "
+                "expected a JSON object"
+            )
+        kwargs = _known_fields(cls, raw, prefix="")
+        for name, sub_cls in (("probe", ProbeConfig), ("history", HistoryConfig)):
+            if name in kwargs:
+                kwargs[name] = sub_cls(**_known_fields(sub_cls, kwargs[name], f"{name}."))
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = dataclasses.asdict(self)
+        raw["skip_layers"] = list(self.skip_layers)
+        raw["method_options"] = dict(self.method_options)
+        return raw
+
+    @classmethod
+    def from_additional_config(
+        cls, additional_config: Mapping[str, Any] | None
+    ) -> "ProbePruningConfig":
+        raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        return cls() if raw is None else cls.from_dict(raw)
+
+
+def _known_fields(cls: type, raw: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(raw, Mapping):
+        raise ProbePruningConfigError(
+            f"probe_pruning.{prefix.rstrip('.')}={raw!r} is invalid: expected a JSON object"
+        )
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            raise ProbePruningConfigError(
+                f"probe_pruning.{prefix}{key} is not a setting: expected one of "
+                + ", ".join(f"{prefix}{n}" for n in names)
+            )
+    return dict(raw)

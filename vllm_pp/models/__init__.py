@@ -1,0 +1,1 @@
+"""vLLM model classes with probe pruning."""

@@ -1,0 +1,117 @@
+"""LLaMA (MHA and GQA) with probe pruning, on top of vLLM's LlamaForCausalLM.
+
+Module tree and parameter names are vLLM's, so weight loading is inherited.
+With pruning off the model is built exactly as vLLM builds it. With pruning
+on, the decoder layers that are not skipped become
+:class:`ProbePruningLlamaDecoderLayer`, whose blocks run on the kept heads and
+channels chosen each step by the configured method.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from vllm_pp import execution
+from vllm_pp.methods.base import PrunableBlock
+from vllm_pp.pruning import ProbePruning, ProbePruningModelMixin
+from vllm_pp.vllm_compat import keep_dense_weight
+
+
+class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
+    """A LLaMA decoder layer whose attention output and MLP run pruned."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str, pruning: ProbePruning):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        attn, mlp = self.self_attn, self.mlp
+        for linear in (attn.o_proj, mlp.gate_up_proj, mlp.down_proj):
+            keep_dense_weight(linear)
+        layer_index = extract_layer_index(prefix)
+        self.attention_pruner = pruning.add_block(
+            PrunableBlock(layer_index, "attention", attn.q_size, attn.head_dim),
+            attn.o_proj,
+            attn.attn.layer_name,
+        )
+        self.mlp_pruner = pruning.add_block(
+            PrunableBlock(layer_index, "mlp", mlp.down_proj.input_size_per_partition),
+            mlp.down_proj,
+            attn.attn.layer_name,
+        )
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same fused-residual convention as LlamaDecoderLayer: `residual` after
+        # each norm is the residual stream entering the block.
+        if residual is None:
+            residual = hidden_states
+            x = self.input_layernorm(hidden_states)
+        else:
+            x, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self._attention_block(positions, x, residual)
+        x, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states = self._mlp_block(x, residual)
+        return hidden_states, residual
+
+    def _attention_block(
+        self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor
+    ) -> torch.Tensor:
+        attn = self.self_attn
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+        q, k = attn.rotary_emb(positions, q, k)
+        # Every head attends and writes its K/V for every token, whatever is
+        # pruned below: a head kept at a later step must find its cache whole.
+        heads_out = attn.attn(q, k, v)  # [T, local_heads * head_dim]
+        # The probe of the attention block is the exact output of its tokens.
+        kept = self.attention_pruner.decide(residual, lambda rows: heads_out[rows])
+        if kept is None:
+            output, _ = attn.o_proj(heads_out)
+            return output
+        output, kept_out = execution.attention_output(
+            attn.o_proj, heads_out, kept, attn.head_dim, self.attention_pruner.correction(kept)
+        )
+        self.attention_pruner.update(kept, kept_out)
+        return output
+
+    def _mlp_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        mlp = self.mlp
+
+        def probe(rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, I_local]
+            gate_up, _ = mlp.gate_up_proj(x[rows])
+            return mlp.act_fn(gate_up)
+
+        kept = self.mlp_pruner.decide(residual, probe)
+        if kept is None:
+            return mlp(x)
+        output, intermediate = execution.gated_mlp(
+            mlp.gate_up_proj, mlp.act_fn, mlp.down_proj, x, kept, self.mlp_pruner.correction(kept)
+        )
+        self.mlp_pruner.update(kept, intermediate)
+        return output
+
+
+class ProbePruningLlamaForCausalLM(ProbePruningModelMixin, LlamaForCausalLM):
+    """vLLM's LlamaForCausalLM, pruned per step when probe pruning is on."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        pruning = ProbePruning.from_vllm_config(vllm_config)
+        if pruning is None:
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+        else:
+
+            def make_layer(*, vllm_config: VllmConfig, prefix: str) -> LlamaDecoderLayer:
+                if not pruning.is_pruned(extract_layer_index(prefix)):
+                    return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix)
+                return ProbePruningLlamaDecoderLayer(
+                    vllm_config=vllm_config, prefix=prefix, pruning=pruning
+                )
+
+            super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=make_layer)
+            pruning.build()
+        self.probe_pruning = pruning

@@ -1,0 +1,101 @@
+"""OPT with probe pruning, on top of vLLM's OPTForCausalLM.
+
+vLLM's OPTDecoder hard-codes its layer class, so the pruned layers are made by
+switching the class of the already-built layers (same modules and parameters,
+new forward) before weights load.
+"""
+
+from __future__ import annotations
+
+from itertools import islice
+
+import torch
+from vllm.config import VllmConfig
+from vllm.model_executor.models.opt import OPTDecoderLayer, OPTForCausalLM
+
+from vllm_pp import execution
+from vllm_pp.methods.base import PrunableBlock
+from vllm_pp.pruning import ProbePruning, ProbePruningModelMixin
+from vllm_pp.vllm_compat import keep_dense_weight
+
+
+class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
+    """An OPT decoder layer whose attention output and MLP run pruned."""
+
+    def attach(self, pruning: ProbePruning, layer_index: int) -> None:
+        attn = self.self_attn
+        for linear in (attn.out_proj, self.fc1, self.fc2):
+            keep_dense_weight(linear)
+        self.attention_pruner = pruning.add_block(
+            PrunableBlock(layer_index, "attention", attn.num_heads * attn.head_dim, attn.head_dim),
+            attn.out_proj,
+            attn.attn.layer_name,
+        )
+        self.mlp_pruner = pruning.add_block(
+            PrunableBlock(layer_index, "mlp", self.fc2.input_size_per_partition),
+            self.fc2,
+            attn.attn.layer_name,
+        )
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = hidden_states
+        x = self.self_attn_layer_norm(hidden_states) if self.do_layer_norm_before else hidden_states
+        hidden_states = residual + self._attention_block(x, residual)
+        if not self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+
+        residual = hidden_states
+        x = self.final_layer_norm(hidden_states) if self.do_layer_norm_before else hidden_states
+        hidden_states = residual + self._mlp_block(x, residual)
+        if not self.do_layer_norm_before:
+            hidden_states = self.final_layer_norm(hidden_states)
+        return hidden_states
+
+    def _attention_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        attn = self.self_attn
+        qkv, _ = attn.qkv_proj(x)
+        q, k, v = qkv.chunk(chunks=3, dim=-1)
+        # Every head attends and writes its K/V for every token (see llama.py).
+        heads_out = attn.attn(q, k, v)  # [T, local_heads * head_dim]
+        kept = self.attention_pruner.decide(residual, lambda rows: heads_out[rows])
+        if kept is None:
+            output, _ = attn.out_proj(heads_out)
+            return output
+        output, kept_out = execution.attention_output(
+            attn.out_proj, heads_out, kept, attn.head_dim, self.attention_pruner.correction(kept)
+        )
+        self.attention_pruner.update(kept, kept_out)
+        return output
+
+    def _mlp_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        def probe(rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, ffn_local]
+            fc1_out, _ = self.fc1(x[rows])
+            return self.activation_fn(fc1_out)
+
+        kept = self.mlp_pruner.decide(residual, probe)
+        if kept is None:
+            fc1_out, _ = self.fc1(x)
+            output, _ = self.fc2(self.activation_fn(fc1_out))
+            return output
+        output, intermediate = execution.plain_mlp(
+            self.fc1, self.activation_fn, self.fc2, x, kept, self.mlp_pruner.correction(kept)
+        )
+        self.mlp_pruner.update(kept, intermediate)
+        return output
+
+
+class ProbePruningOPTForCausalLM(ProbePruningModelMixin, OPTForCausalLM):
+    """vLLM's OPTForCausalLM, pruned per step when probe pruning is on."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        pruning = ProbePruning.from_vllm_config(vllm_config)
+        if pruning is not None:
+            decoder = self.model.decoder
+            layers = islice(decoder.layers, decoder.start_layer, decoder.end_layer)
+            for index, layer in enumerate(layers, start=decoder.start_layer):
+                if pruning.is_pruned(index):
+                    layer.__class__ = ProbePruningOPTDecoderLayer
+                    layer.attach(pruning, index)
+            pruning.build()
+        self.probe_pruning = pruning

@@ -1,0 +1,159 @@
+"""Offline runs through vLLM: calibration and the perplexity evaluator.
+
+Both run vLLM's engine core in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``):
+all requests are queued before the first step, so every step holds exactly
+``batch_size`` full windows (with a background engine core the first step
+races the request submission and may hold fewer). The batching is therefore
+fixed and documented: step i holds windows ``[i*B, (i+1)*B)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+ENGINE_SETTINGS = dict(enforce_eager=True, enable_prefix_caching=False, seed=0)
+
+
+def tokenize_text(model: str, text_path: Path) -> list[int]:
+    """Token ids of the whole text, without BOS (the paper's WikiText2 protocol)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    return tokenizer(Path(text_path).read_text(), add_special_tokens=False)["input_ids"]
+
+
+def contiguous_windows(tokens: list[int], seq_len: int, count: int) -> list[list[int]]:
+    """The first ``count`` contiguous, non-overlapping windows of ``seq_len`` tokens."""
+    available = len(tokens) // seq_len
+    if count > available:
+        raise ValueError(f"num_windows={count} is too many: the text holds {available} windows of {seq_len}")
+    return [tokens[i * seq_len : (i + 1) * seq_len] for i in range(count)]
+
+
+def random_windows(tokens: list[int], seq_len: int, count: int, seed: int) -> list[list[int]]:
+    """``count`` windows of ``seq_len`` tokens at seeded random offsets."""
+    if len(tokens) <= seq_len:
+        raise ValueError(f"the text has {len(tokens)} tokens, fewer than seq_len={seq_len}")
+    rng = random.Random(seed)
+    starts = [rng.randrange(0, len(tokens) - seq_len) for _ in range(count)]
+    return [tokens[s : s + seq_len] for s in starts]
+
+
+def _engine(model: str, probe_pruning: dict, seq_len: int, batch_size: int, **kwargs):
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    # collective_rpc ships our own export function to TP workers.
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    from vllm import LLM
+
+    return LLM(
+        model=model,
+        additional_config={"probe_pruning": probe_pruning},
+        max_model_len=seq_len + 1,
+        max_num_seqs=batch_size,
+        max_num_batched_tokens=batch_size * seq_len,
+        **{**ENGINE_SETTINGS, **kwargs},
+    )
+
+
+def _prompt_nll(llm, windows: list[list[int]]) -> tuple[float, int]:
+    """Summed negative log-likelihood of every window token after the first, and their count."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows], params)
+    nll, count = 0.0, 0
+    for output, window in zip(outputs, windows):
+        for token, logprobs in zip(window[1:], output.prompt_logprobs[1:]):
+            nll -= logprobs[token].logprob
+            count += 1
+    return nll, count
+
+
+def calibrate(
+    model: str,
+    out: Path,
+    *,
+    text: Path,
+    num_samples: int = 256,
+    seq_len: int = 512,
+    batch_size: int = 8,
+    seed: int = 0,
+    tensor_parallel_size: int = 1,
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Run the dense model over calibration windows and save every block's statistics."""
+    from vllm_pp.statistics import model_identity, save_statistics
+
+    windows = random_windows(tokenize_text(model, text), seq_len, num_samples, seed)
+    recorder = {
+        "method": "calibration",
+        "skip_layers": [],  # record every layer, so any skip list can use the file
+        "method_options": {"max_positions": seq_len},
+    }
+    started = time.monotonic()
+    llm = _engine(model, recorder, seq_len, batch_size,
+                  tensor_parallel_size=tensor_parallel_size, dtype=dtype)
+    nll, count = _prompt_nll(llm, windows)
+    tensors = {}
+    for shard in llm.apply_model(lambda m: m.probe_pruning.method.export()):
+        tensors.update(shard)
+    metadata = {
+        "kind": "calibration",
+        "model": model_identity(llm.llm_engine.model_config.hf_config),
+        "tensor_parallel_size": tensor_parallel_size,
+        "seq_len": seq_len,
+        "num_samples": num_samples,
+        "seed": seed,
+        "text": str(text),
+        "dense_perplexity": math.exp(nll / count),
+    }
+    save_statistics(out, tensors, metadata)
+    return {**metadata, "seconds": time.monotonic() - started, "out": str(out)}
+
+
+@dataclass
+class PerplexityRun:
+    """Settings and result of one `vllm-pp eval ppl` run."""
+
+    model: str
+    text: str
+    method: str
+    ratio: float
+    seq_len: int
+    num_windows: int
+    batch_size: int
+    calibration: str | None
+    probe_ratio: float | None
+    tensor_parallel_size: int
+    dtype: str
+    perplexity: float = math.nan
+    num_tokens: int = 0
+    seconds: float = math.nan
+
+
+def evaluate_perplexity(run: PerplexityRun, extra_config: dict | None = None) -> PerplexityRun:
+    """Perplexity of ``run.model`` pruned as configured, over contiguous windows."""
+    windows = contiguous_windows(tokenize_text(run.model, Path(run.text)), run.seq_len, run.num_windows)
+    probe_pruning = {"ratio": run.ratio, "method": run.method, **(extra_config or {})}
+    if run.calibration:
+        probe_pruning["calibration"] = run.calibration
+    if run.probe_ratio is not None:
+        probe_pruning.setdefault("probe", {})["ratio"] = run.probe_ratio
+    started = time.monotonic()
+    llm = _engine(run.model, probe_pruning, run.seq_len, run.batch_size,
+                  tensor_parallel_size=run.tensor_parallel_size, dtype=run.dtype)
+    nll, count = _prompt_nll(llm, windows)
+    run.perplexity, run.num_tokens = math.exp(nll / count), count
+    run.seconds = time.monotonic() - started
+    return run
+
+
+def run_as_dict(run: PerplexityRun) -> dict[str, Any]:
+    return asdict(run)
