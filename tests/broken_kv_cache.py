@@ -17,7 +17,8 @@ class _SkipPrunedHeadsKVLayer(ProbePruningLlamaDecoderLayer):
         qkv, _ = attn.qkv_proj(x)
         q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
         q, k = attn.rotary_emb(positions, q, k)
-        kept = self.attention_pruner.decide(residual, lambda rows: None)
+        pruner = self.attention_pruner  # FixedSelection needs no probe
+        kept = pruner.pruning.method.decide(pruner.block, pruner.pruning.steps.batch, residual, None)
         pruned = torch.ones(attn.num_kv_heads, dtype=torch.bool)
         pruned[kept] = False
         mask = (~pruned).repeat_interleave(attn.head_dim).to(k.dtype)

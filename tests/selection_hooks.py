@@ -50,3 +50,37 @@ class FixedSelection(PruningMethod):
         start = self.worker.tp_rank * block.num_units
         mine = kept[(kept >= start) & (kept < start + block.num_units)] - start
         return mine.to(residual.device)
+
+
+from vllm_pp.methods.probe import ProbePruningMethod  # noqa: E402
+
+
+class LoggedProbePruning(ProbePruningMethod):
+    """PP itself, logging every decision: method_options {"decision_log": path}.
+
+    Rank 0 appends one JSON line per (step, layer, block): the step key, its
+    segments (as FixedSelection logs them), the probe rows PP asked for and the
+    kept units, for the independent reference (reference_probe_pruning.py).
+    """
+
+    def decide(self, block, batch, residual, probe):
+        probe_rows = []
+
+        def logged_probe(rows):
+            probe_rows.extend(rows.tolist())
+            return probe(rows)
+
+        kept = super().decide(block, batch, residual, logged_probe)
+        if self.worker.tp_rank == 0:
+            starts = batch.positions[batch.query_start_loc[:-1].long()].tolist()
+            record = {
+                "key": batch.index,
+                "layer": block.layer_index,
+                "kind": block.kind,
+                "segments": list(zip(starts, batch.query_lens.tolist())),
+                "probe_rows": probe_rows,
+                "kept": kept.tolist(),
+            }
+            with open(self.config.method_options["decision_log"], "a") as log:
+                log.write(json.dumps(record) + "\n")
+        return kept

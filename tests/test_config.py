@@ -22,7 +22,7 @@ def test_round_trip():
     ({"ratio": float("nan")}, "probe_pruning.ratio=nan is invalid"),
     ({"ratio": "0.4"}, "probe_pruning.ratio='0.4' is invalid"),
     ({"ratio": True}, "probe_pruning.ratio=True is invalid"),
-    ({"method": "magic"}, "probe_pruning.method='magic' is invalid: expected one of dense"),
+    ({"method": "magic"}, "probe_pruning.method='magic' is invalid: expected one of probe, full-batch, flap, wanda-sp, dense"),
     ({"probe": {"ratio": 0}}, "probe_pruning.probe.ratio=0.0 is invalid"),
     ({"probe": {"size": 3}}, "probe_pruning.probe.size is not a setting"),
     ({"history": {"ema_momentum": 1}}, "probe_pruning.history.ema_momentum=1.0 is invalid"),

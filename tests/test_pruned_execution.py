@@ -13,9 +13,9 @@ import pytest
 import torch
 from engines import vllm_engine
 from reference_model import ReferenceModel
+from reference_probe_pruning import single_thread
+from schedule_replay import chunks_per_request, decode_mismatch, vllm_generate
 from selection_hooks import fixed_kept_units
-from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
 
 SEED, FRACTION, SKIP = 7, 0.5, [0]
 PROMPTS = [  # token ids; distinct lengths identify the requests in the schedule log
@@ -51,34 +51,16 @@ def _kept_fn(reference: ReferenceModel, tp_size: int):
     return kept
 
 
-def _chunks_per_request(schedule: list[dict]) -> list[list[tuple[int, int, int]]]:
-    """Assign each logged step segment (start position, length) to its request.
-
-    A segment belongs to a request whose next unprocessed position is its start
-    (prefills: whose prompt has that length). Requests that tie are in the same
-    step, so they get the same key either way.
-    """
-    chunks = [[] for _ in PROMPTS]
-    next_pos = [0] * len(PROMPTS)
-    for step in schedule:
-        used = set()
-        for start, length in step["segments"]:
-            r = next(
-                r for r in range(len(PROMPTS))
-                if r not in used and next_pos[r] == start
-                and (start > 0 or length == len(PROMPTS[r]))
-            )
-            used.add(r)
-            chunks[r].append((start, length, step["key"]))
-            next_pos[r] += length
-    return chunks
-
-
 def _reference_run(reference: ReferenceModel, tp_size: int, schedule: list[dict]):
     """Prompt logprobs and greedy continuations, replaying vLLM's step schedule."""
+    with single_thread():
+        return _replay(reference, tp_size, schedule)
+
+
+def _replay(reference: ReferenceModel, tp_size: int, schedule: list[dict]):
     kept = _kept_fn(reference, tp_size)
     prompt_logprobs, tokens = [], []
-    for prompt, chunks in zip(PROMPTS, _chunks_per_request(schedule)):
+    for prompt, chunks in zip(PROMPTS, chunks_per_request(schedule, PROMPTS)):
         cache, sequence, logprobs = reference.new_cache(), list(prompt), []
         for start, length, key in chunks:
             logits = reference.forward(sequence[start:start + length], start, cache, kept, key)
@@ -93,23 +75,6 @@ def _reference_run(reference: ReferenceModel, tp_size: int, schedule: list[dict]
     return prompt_logprobs, tokens
 
 
-def _vllm_run(llm):
-    prompts = [TokensPrompt(prompt_token_ids=p) for p in PROMPTS]
-    params = SamplingParams(
-        temperature=0, max_tokens=DECODE_STEPS, prompt_logprobs=0, logprobs=0, ignore_eos=True
-    )
-    outputs = llm.generate(prompts, params, use_tqdm=False)
-    prompt_logprobs = [
-        [next(lp.logprob for t, lp in d.items() if t == p[i + 1]) for i, d in enumerate(o.prompt_logprobs[1:])]
-        for o, p in zip(outputs, PROMPTS)
-    ]
-    tokens = []
-    for o in outputs:
-        ids = list(o.outputs[0].token_ids)
-        tokens.append((ids, [d[t].logprob for t, d in zip(ids, o.outputs[0].logprobs)]))
-    return prompt_logprobs, tokens
-
-
 @pytest.fixture(scope="module", params=[
     ("llama-mha", 1), ("llama-gqa", 1), ("opt", 1), ("llama-gqa", 2), ("opt", 2), ("llama-mha", 2),
 ], ids=lambda p: f"{p[0]}-tp{p[1]}")
@@ -117,8 +82,11 @@ def pruned_run(request, random_models, tmp_path_factory):
     family, tp_size = request.param
     path = random_models[family]
     schedule_log = tmp_path_factory.mktemp("schedule") / "steps.jsonl"
-    with vllm_engine(path, tensor_parallel_size=tp_size, additional_config=_config(schedule_log)) as llm:
-        got = _vllm_run(llm)
+    with vllm_engine(
+        path, tensor_parallel_size=tp_size, in_process=tp_size == 1,
+        additional_config=_config(schedule_log),
+    ) as llm:
+        got = vllm_generate(llm, PROMPTS, DECODE_STEPS)
     schedule = [json.loads(line) for line in schedule_log.read_text().splitlines()]
     assert len({s["key"] for s in schedule}) == len(schedule) >= DECODE_STEPS
     return family, tp_size, got, _reference_run(ReferenceModel(path), tp_size, schedule)
@@ -131,20 +99,10 @@ def test_prompt_logprobs_match_reference(pruned_run):
         assert max(abs(a - b) for a, b in zip(g, w)) < 2e-3, (family, tp_size, g, w)
 
 
-def _decode_mismatch(got, want) -> float:
-    """Largest logprob difference of the greedy tokens; inf when the tokens differ."""
-    worst = 0.0
-    for (got_ids, got_lp), (want_ids, want_lp) in zip(got, want):
-        if got_ids != want_ids:
-            return math.inf
-        worst = max([worst] + [abs(a - b) for a, b in zip(got_lp, want_lp)])
-    return worst
-
-
 def test_multi_step_decoding_matches_reference_with_full_kv_cache(pruned_run):
     family, tp_size, (_, got), (_, want) = pruned_run
     assert all(len(ids) == DECODE_STEPS for ids, _ in got)
-    assert _decode_mismatch(got, want) < 2e-3, (family, tp_size, got, want)
+    assert decode_mismatch(got, want) < 2e-3, (family, tp_size, got, want)
 
 
 def _class_name(model) -> str:
@@ -157,15 +115,16 @@ def test_kv_cache_test_catches_unwritten_pruned_heads(random_models, tmp_path):
     schedule_log = tmp_path / "steps.jsonl"
     with vllm_engine(
         path,
+        in_process=True,
         additional_config=_config(schedule_log),
         hf_overrides={"architectures": ["SkipPrunedHeadsKV"]},
         model_class_overrides={"SkipPrunedHeadsKV": "broken_kv_cache:SkipPrunedHeadsKV"},
     ) as llm:
         assert llm.apply_model(_class_name) == ["SkipPrunedHeadsKV"]
-        _, got = _vllm_run(llm)
+        _, got = vllm_generate(llm, PROMPTS, DECODE_STEPS)
     schedule = [json.loads(line) for line in schedule_log.read_text().splitlines()]
     _, want = _reference_run(ReferenceModel(path), 1, schedule)
-    assert _decode_mismatch(got, want) > 1e-2
+    assert decode_mismatch(got, want) > 1e-2
 
 
 def test_masks_really_prune(random_models):

@@ -9,13 +9,14 @@ fixed and documented: step i holds windows ``[i*B, (i+1)*B)``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 ENGINE_SETTINGS = dict(enforce_eager=True, enable_prefix_caching=False, seed=0)
 
@@ -45,20 +46,43 @@ def random_windows(tokens: list[int], seq_len: int, count: int, seed: int) -> li
     return [tokens[s : s + seq_len] for s in starts]
 
 
+@contextlib.contextmanager
+def environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the duration of the block, then restore them."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def _engine(model: str, probe_pruning: dict, seq_len: int, batch_size: int, **kwargs):
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    # collective_rpc ships our own export function to TP workers.
-    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
-    return LLM(
-        model=model,
-        additional_config={"probe_pruning": probe_pruning},
-        max_model_len=seq_len + 1,
-        max_num_seqs=batch_size,
-        max_num_batched_tokens=batch_size * seq_len,
-        **{**ENGINE_SETTINGS, **kwargs},
-    )
+    # vLLM reads these while it builds the engine and its workers.
+    settings = {
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        # collective_rpc ships our own export function to TP workers.
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    }
+    if kwargs.get("tensor_parallel_size", 1) == 1:
+        # The worker is this process: there is no scheduler process to reserve
+        # a core for, and vLLM would otherwise cut torch to one thread.
+        settings |= {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": str(os.cpu_count())}
+    with environ(**settings):
+        return LLM(
+            model=model,
+            additional_config={"probe_pruning": probe_pruning},
+            max_model_len=seq_len + 1,
+            max_num_seqs=batch_size,
+            max_num_batched_tokens=batch_size * seq_len,
+            **{**ENGINE_SETTINGS, **kwargs},
+        )
 
 
 def _prompt_nll(llm, windows: list[list[int]]) -> tuple[float, int]:
@@ -100,7 +124,12 @@ def calibrate(
     started = time.monotonic()
     llm = _engine(model, recorder, seq_len, batch_size,
                   tensor_parallel_size=tensor_parallel_size, dtype=dtype)
-    nll, count = _prompt_nll(llm, windows)
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    # Only the forward passes matter: the recorder sees every block's input.
+    llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
+                 SamplingParams(max_tokens=1, detokenize=False))
     tensors = {}
     for shard in llm.apply_model(lambda m: m.probe_pruning.method.export()):
         tensors.update(shard)
@@ -112,7 +141,6 @@ def calibrate(
         "num_samples": num_samples,
         "seed": seed,
         "text": str(text),
-        "dense_perplexity": math.exp(nll / count),
     }
     save_statistics(out, tensors, metadata)
     return {**metadata, "seconds": time.monotonic() - started, "out": str(out)}
@@ -157,3 +185,60 @@ def evaluate_perplexity(run: PerplexityRun, extra_config: dict | None = None) ->
 
 def run_as_dict(run: PerplexityRun) -> dict[str, Any]:
     return asdict(run)
+
+
+def dense_continuations(model: str, prompts: list[list[int]], new_tokens: int, **engine) -> list[list[int]]:
+    """The dense model's greedy continuations of ``prompts``."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    llm = _engine(model, {"ratio": 0.0}, len(prompts[0]) + new_tokens, len(prompts), **engine)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def decode_quality(
+    model: str,
+    probe_pruning: dict,
+    prompts: list[list[int]],
+    references: list[list[int]],
+    **engine,
+) -> dict[str, float]:
+    """How much of the dense model's greedy continuation a pruned model reproduces.
+
+    * ``token_match``: share of positions where the pruned model's own greedy
+      continuation equals the dense one;
+    * ``prefix_match``: mean share of the continuation reproduced before the
+      first divergence;
+    * ``reference_perplexity``: the pruned model's perplexity of the dense
+      continuation (teacher-forced, so divergence does not compound).
+    """
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    new_tokens = len(references[0])
+    seq_len = len(prompts[0]) + new_tokens
+    llm = _engine(model, probe_pruning, seq_len, len(prompts), **engine)
+    greedy = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
+    matches, prefixes = 0, 0.0
+    for output, reference in zip(outputs, references):
+        tokens = list(output.outputs[0].token_ids)
+        matches += sum(a == b for a, b in zip(tokens, reference))
+        prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), new_tokens)
+        prefixes += prefix / new_tokens
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    teacher = llm.generate(
+        [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, references)], scored
+    )
+    nll = 0.0
+    for output, prompt, reference in zip(teacher, prompts, references):
+        for i, token in enumerate(reference):
+            nll -= output.prompt_logprobs[len(prompt) + i][token].logprob
+    count = len(references) * new_tokens
+    return {
+        "token_match": matches / count,
+        "prefix_match": prefixes / len(references),
+        "reference_perplexity": math.exp(nll / count),
+    }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
@@ -18,18 +20,28 @@ class BlockPruner:
         self.block = block
         self.pruning = pruning
 
-    def decide(self, residual: torch.Tensor, probe: ProbeFn) -> torch.Tensor | None:
-        """Kept units for this step, or None to run dense (no metadata, or the method says so)."""
+    def run(
+        self,
+        residual: torch.Tensor,
+        probe: ProbeFn,
+        dense: Callable[[], torch.Tensor],
+        pruned: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The block's output: ``dense()`` or ``pruned(kept, correction)``, as the method decides.
+
+        ``residual`` [T, hidden] is the residual stream entering the block;
+        ``pruned`` returns (output, output projection's kept input), which feeds
+        the method's update.
+        """
         batch = self.pruning.steps.batch
-        if batch is None:
-            return None
-        return self.pruning.method.decide(self.block, batch, residual, probe)
-
-    def update(self, kept: torch.Tensor, activations: torch.Tensor) -> None:
-        self.pruning.method.update(self.block, self.pruning.steps.batch, kept, activations)
-
-    def correction(self, kept: torch.Tensor) -> torch.Tensor | None:
-        return self.pruning.method.output_correction(self.block, kept)
+        method = self.pruning.method
+        # No metadata (warm-up, profiling): dense, which is also the memory worst case.
+        kept = None if batch is None else method.decide(self.block, batch, residual, probe)
+        if kept is None:
+            return dense()
+        output, activations = pruned(kept, method.output_correction(self.block, kept))
+        method.update(self.block, batch, kept, activations)
+        return output
 
 
 class ProbePruning:

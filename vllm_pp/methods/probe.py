@@ -57,7 +57,7 @@ class ProbePruningMethod(PruningMethod):
         super().__init__(config, blocks, worker)
         ratio = layer_ratio(config.ratio, worker.num_layers, len(config.skip_layers))
         self.kept_counts = {b: kept_unit_count(b, ratio, config.channel_multiple) for b in blocks}
-        # position_bucket_size 0 means one history row for every position.
+        # position_bucket_size 0: one history row shared by all positions.
         self.bucket_size = config.history.position_bucket_size or worker.max_model_len
         self.num_buckets = math.ceil(worker.max_model_len / self.bucket_size)
         # history[block]: [num_buckets, width] running E[x^2] of the output

@@ -68,32 +68,30 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
         # Every head attends and writes its K/V for every token, whatever is
         # pruned below: a head kept at a later step must find its cache whole.
         heads_out = attn.attn(q, k, v)  # [T, local_heads * head_dim]
-        # The probe of the attention block is the exact output of its tokens.
-        kept = self.attention_pruner.decide(residual, lambda rows: heads_out[rows])
-        if kept is None:
-            output, _ = attn.o_proj(heads_out)
-            return output
-        output, kept_out = execution.attention_output(
-            attn.o_proj, heads_out, kept, attn.head_dim, self.attention_pruner.correction(kept)
+        return self.attention_pruner.run(
+            residual,
+            # The probe of the attention block is the exact output of its tokens.
+            probe=lambda rows: heads_out[rows],
+            dense=lambda: attn.o_proj(heads_out)[0],
+            pruned=lambda kept, correction: execution.attention_output(
+                attn.o_proj, heads_out, kept, attn.head_dim, correction
+            ),
         )
-        self.attention_pruner.update(kept, kept_out)
-        return output
 
     def _mlp_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         mlp = self.mlp
 
         def probe(rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, I_local]
-            gate_up, _ = mlp.gate_up_proj(x[rows])
-            return mlp.act_fn(gate_up)
+            return mlp.act_fn(mlp.gate_up_proj(x[rows])[0])
 
-        kept = self.mlp_pruner.decide(residual, probe)
-        if kept is None:
-            return mlp(x)
-        output, intermediate = execution.gated_mlp(
-            mlp.gate_up_proj, mlp.act_fn, mlp.down_proj, x, kept, self.mlp_pruner.correction(kept)
+        return self.mlp_pruner.run(
+            residual,
+            probe,
+            dense=lambda: mlp(x),
+            pruned=lambda kept, correction: execution.gated_mlp(
+                mlp.gate_up_proj, mlp.act_fn, mlp.down_proj, x, kept, correction
+            ),
         )
-        self.mlp_pruner.update(kept, intermediate)
-        return output
 
 
 class ProbePruningLlamaForCausalLM(ProbePruningModelMixin, LlamaForCausalLM):

@@ -57,31 +57,27 @@ class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
         q, k, v = qkv.chunk(chunks=3, dim=-1)
         # Every head attends and writes its K/V for every token (see llama.py).
         heads_out = attn.attn(q, k, v)  # [T, local_heads * head_dim]
-        kept = self.attention_pruner.decide(residual, lambda rows: heads_out[rows])
-        if kept is None:
-            output, _ = attn.out_proj(heads_out)
-            return output
-        output, kept_out = execution.attention_output(
-            attn.out_proj, heads_out, kept, attn.head_dim, self.attention_pruner.correction(kept)
+        return self.attention_pruner.run(
+            residual,
+            probe=lambda rows: heads_out[rows],
+            dense=lambda: attn.out_proj(heads_out)[0],
+            pruned=lambda kept, correction: execution.attention_output(
+                attn.out_proj, heads_out, kept, attn.head_dim, correction
+            ),
         )
-        self.attention_pruner.update(kept, kept_out)
-        return output
 
     def _mlp_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         def probe(rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, ffn_local]
-            fc1_out, _ = self.fc1(x[rows])
-            return self.activation_fn(fc1_out)
+            return self.activation_fn(self.fc1(x[rows])[0])
 
-        kept = self.mlp_pruner.decide(residual, probe)
-        if kept is None:
-            fc1_out, _ = self.fc1(x)
-            output, _ = self.fc2(self.activation_fn(fc1_out))
-            return output
-        output, intermediate = execution.plain_mlp(
-            self.fc1, self.activation_fn, self.fc2, x, kept, self.mlp_pruner.correction(kept)
+        return self.mlp_pruner.run(
+            residual,
+            probe,
+            dense=lambda: self.fc2(self.activation_fn(self.fc1(x)[0]))[0],
+            pruned=lambda kept, correction: execution.plain_mlp(
+                self.fc1, self.activation_fn, self.fc2, x, kept, correction
+            ),
         )
-        self.mlp_pruner.update(kept, intermediate)
-        return output
 
 
 class ProbePruningOPTForCausalLM(ProbePruningModelMixin, OPTForCausalLM):

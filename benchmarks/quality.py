@@ -1,0 +1,121 @@
+"""Perplexity of dense, PP, full-batch probing, FLAP and Wanda-sp through vLLM.
+
+Runs `vllm-pp eval ppl` settings for every method and ratio on one model and
+writes benchmarks/results/quality_<model>.json plus a Markdown table. The
+settings mirror the issue's reference protocol: the prepared evaluation text,
+documents joined by a blank line, no BOS, the first 128 contiguous 512-token
+windows, 8 windows per step, prefix caching off, calibration = 256 random
+512-token windows of the calibration text.
+
+    python benchmarks/quality.py --model DIR --calibration FILE [--only probe:0.4 ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (label, method, ratio, extra probe_pruning settings)
+RUNS = [
+    ("dense", "dense", 0.0, {}),
+    *[(f"{m}:{r}", m, r, {}) for r in (0.2, 0.4) for m in ("probe", "full-batch", "flap", "wanda-sp")],
+]
+ABLATIONS = [
+    ("probe:0.4:probe-ratio-0.0625", "probe", 0.4, {"probe": {"ratio": 0.0625}}),
+    ("probe:0.4:history-one-row", "probe", 0.4, {"history": {"position_bucket_size": 0}}),
+    ("probe:0.4:history-buckets-64", "probe", 0.4, {"history": {"position_bucket_size": 64}}),
+]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--calibration", required=True)
+    parser.add_argument("--num-windows", type=int, default=128)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
+    parser.add_argument("--ablations", action="store_true", help="also run the PP ablations")
+    parser.add_argument("--decode", action="store_true",
+                        help="also measure decode quality (dense greedy continuation reproduced)")
+    parser.add_argument("--decode-prompts", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+
+    from vllm_pp.offline import PerplexityRun, evaluate_perplexity, run_as_dict
+    from vllm_pp.text_data import prepare_text
+
+    out = args.out or RESULTS / f"quality_{Path(args.model).name}.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    runs = RUNS + (ABLATIONS if args.ablations else [])
+    for label, method, ratio, extra in runs:
+        if args.only and label not in args.only:
+            continue
+        run = PerplexityRun(
+            model=args.model, text=str(prepare_text(quiet=True).evaluation), method=method,
+            ratio=ratio, calibration=args.calibration if method != "dense" else None,
+            probe_ratio=None, seq_len=512, num_windows=args.num_windows, batch_size=8,
+            tensor_parallel_size=1, dtype=args.dtype,
+        )
+        print(f"[quality] {label} ...", file=sys.stderr, flush=True)
+        result = run_as_dict(evaluate_perplexity(run, extra))
+        result["extra"] = extra
+        results[label] = result
+        print(f"[quality] {label}: perplexity {result['perplexity']:.3f} "
+              f"({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    results["probe_flops_share"] = probe_flops_share(
+        config, 0.025, config["num_hidden_layers"] - 3, 512)
+    if args.decode:
+        results["decode"] = measure_decode_quality(args)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    print(out)
+    return 0
+
+
+def probe_flops_share(config: dict, probe_ratio: float, num_pruned_layers: int, seq_len: int) -> float:
+    """Probe FLOPs as a share of a dense step's FLOPs (embeddings and LM head excluded).
+
+    Per pruned layer the probe costs the MLP's gate/up projections for the
+    probe tokens; the attention probe reuses rows of the step's own attention
+    output, and scoring is O(width). A dense layer costs the q/k/v/o and MLP
+    projections plus the causal attention core over ``seq_len`` tokens.
+    """
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads) + 2 * 3 * hidden * inter
+    core = 2 * 2 * heads * head_dim * (seq_len / 2)  # QK^T and PV, half the context on average
+    dense = config["num_hidden_layers"] * (projections + core)
+    probe = num_pruned_layers * probe_ratio * 2 * 2 * hidden * inter
+    return probe / dense
+
+
+def measure_decode_quality(args) -> dict:
+    """Dense greedy 64-token continuations of 64-token prompts, reproduced at ratio 0.4.
+
+    The prompts are cut from the evaluation text after the perplexity windows.
+    """
+    from vllm_pp.offline import contiguous_windows, decode_quality, dense_continuations, tokenize_text
+    from vllm_pp.text_data import prepare_text
+
+    tokens = tokenize_text(args.model, prepare_text(quiet=True).evaluation)
+    unused = tokens[args.num_windows * 512:]
+    prompts = contiguous_windows(unused, 64, args.decode_prompts)
+    engine = {"dtype": args.dtype}
+    references = dense_continuations(args.model, prompts, 64, **engine)
+    decode = {}
+    for method in ("probe", "full-batch", "flap", "wanda-sp"):
+        config = {"ratio": 0.4, "method": method, "calibration": args.calibration}
+        decode[method] = decode_quality(args.model, config, prompts, references, **engine)
+        print(f"[quality] decode {method}: {decode[method]}", file=sys.stderr, flush=True)
+    return decode
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`vllm-pp calibrate` and `vllm-pp eval ppl` on a tiny model, and the statistics file checks."""
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from vllm_pp.config import ProbePruningConfigError
+from vllm_pp.offline import PerplexityRun, calibrate, evaluate_perplexity
+from vllm_pp.statistics import load_statistics, read_metadata
+
+SEQ_LEN, SAMPLES = 64, 8
+
+
+@pytest.fixture(scope="module")
+def texts():
+    from vllm_pp.text_data import prepare_text
+
+    return prepare_text(quiet=True)
+
+
+@pytest.fixture(scope="module")
+def calibration(random_models, texts, tmp_path_factory):
+    out = tmp_path_factory.mktemp("calibration") / "gqa.safetensors"
+    info = calibrate(str(random_models["llama-gqa"]), out, text=texts.calibration,
+                     num_samples=SAMPLES, seq_len=SEQ_LEN, batch_size=4, dtype="float32")
+    return out, info
+
+
+def test_calibration_file_has_every_block(calibration, random_models):
+    path, info = calibration
+    metadata = read_metadata(path)
+    assert metadata["kind"] == "calibration" and metadata["tensor_parallel_size"] == 1
+    assert metadata["model"]["num_key_value_heads"] == 2
+    with safe_open(str(path), framework="pt") as f:
+        names = set(f.keys())
+        for layer in range(6):  # every layer is recorded, skipped or not
+            for kind, width in (("attention", 256), ("mlp", 512)):
+                prefix = f"layers.{layer}.{kind}.rank0."
+                assert f.get_tensor(prefix + "sq_mean").shape == (SEQ_LEN, width)
+                count = f.get_tensor(prefix + "count")
+                assert torch.equal(count, torch.full((SEQ_LEN,), SAMPLES))
+                sq_mean = f.get_tensor(prefix + "sq_mean").double()
+                mean = f.get_tensor(prefix + "mean").double()
+                # E[x^2] >= E[x]^2 channel-wise, pooled over positions.
+                assert torch.all(sq_mean.mean(0) >= mean.square() - 1e-6)
+                assert torch.all(f.get_tensor(prefix + "variance_sum") >= 0)
+    assert len(names) == 6 * 2 * 4
+
+
+def test_statistics_file_mismatches_are_refused(calibration, tmp_path):
+    path, _ = calibration
+    identity = read_metadata(path)["model"]
+    with pytest.raises(ProbePruningConfigError, match="tensor_parallel_size=1, this server runs 2"):
+        load_statistics(path, kind="calibration", identity=identity, tp_size=2, rank=0)
+    with pytest.raises(ProbePruningConfigError, match="another model: hidden_size=256, this model has 576"):
+        load_statistics(path, kind="calibration", identity={**identity, "hidden_size": 576}, tp_size=1, rank=0)
+    with pytest.raises(ProbePruningConfigError, match="is a 'calibration' file, expected 'history'"):
+        load_statistics(path, kind="history", identity=identity, tp_size=1, rank=0)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ProbePruningConfigError, match="truncated or corrupted") as err:
+        load_statistics(truncated, kind="calibration", identity=identity, tp_size=1, rank=0)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ProbePruningConfigError, match="does not exist"):
+        read_metadata(tmp_path / "missing.safetensors")
+
+
+@pytest.fixture(scope="module")
+def perplexities(random_models, texts, calibration):
+    """Perplexity of the tiny model per method at ratio 0.4 (and dense)."""
+    results = {}
+    for method, ratio in (("dense", 0.0), ("probe", 0.4), ("full-batch", 0.4), ("flap", 0.4), ("wanda-sp", 0.4)):
+        run = PerplexityRun(
+            model=str(random_models["llama-gqa"]), text=str(texts.evaluation), method=method,
+            ratio=ratio, calibration=str(calibration[0]), probe_ratio=None, seq_len=SEQ_LEN,
+            num_windows=8, batch_size=4, tensor_parallel_size=1, dtype="float32",
+        )
+        results[method] = evaluate_perplexity(run).perplexity
+    return results
+
+
+def test_every_method_evaluates(perplexities):
+    assert all(math.isfinite(p) and p > 1 for p in perplexities.values()), perplexities
+    # Pruning 40% of a random model changes its predictions.
+    pruned = {m: p for m, p in perplexities.items() if m != "dense"}
+    assert all(abs(p - perplexities["dense"]) > 1e-3 for p in pruned.values()), perplexities
