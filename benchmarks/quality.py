@@ -33,8 +33,8 @@ ABLATIONS = [
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--calibration", required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--calibration")
     parser.add_argument("--num-windows", type=int, default=128)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--only", nargs="*", help="labels to run (default: all)")
@@ -43,7 +43,11 @@ def main(argv=None) -> int:
                         help="also measure decode quality (dense greedy continuation reproduced)")
     parser.add_argument("--decode-prompts", type=int, default=32)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--table", type=Path, help="only print the Markdown table of this results file")
     args = parser.parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(args.table.read_text())))
+        return 0
 
     from vllm_pp.offline import PerplexityRun, evaluate_perplexity, run_as_dict
     from vllm_pp.text_data import prepare_text
@@ -115,6 +119,32 @@ def measure_decode_quality(args) -> dict:
         decode[method] = decode_quality(args.model, config, prompts, references, **engine)
         print(f"[quality] decode {method}: {decode[method]}", file=sys.stderr, flush=True)
     return decode
+
+
+
+def markdown_table(results: dict) -> str:
+    """The perplexity table (and decode quality, if measured) as Markdown."""
+    reference = {  # the issue's faithful plain-PyTorch reference (128 windows, bf16)
+        "dense": (21.44, 21.44), "probe": (32.20, 67.07), "full-batch": (29.35, 58.30),
+        "flap": (39.62, 107.94), "wanda-sp": (37.12, 82.03),
+    }
+    rows = ["| method | ratio 0.2 | ratio 0.4 | reference 0.2 | reference 0.4 |", "|---|---|---|---|---|"]
+    for method, (ref2, ref4) in reference.items():
+        cells = []
+        for ratio in ("0.2", "0.4"):
+            run = results.get("dense" if method == "dense" else f"{method}:{ratio}")
+            cells.append(f"{run['perplexity']:.2f}" if run else "—")
+        rows.append(f"| {method} | {cells[0]} | {cells[1]} | {ref2} | {ref4} |")
+    ablations = [k for k in results if k.count(":") == 2]
+    if ablations:
+        rows += ["", "| PP ablation at 0.4 | perplexity |", "|---|---|"]
+        rows += [f"| {k.split(':', 2)[2]} | {results[k]['perplexity']:.2f} |" for k in ablations]
+    if "decode" in results:
+        rows += ["", "| method at 0.4 | token match | prefix match | perplexity of dense continuation |",
+                 "|---|---|---|---|"]
+        rows += [f"| {m} | {d['token_match']:.3f} | {d['prefix_match']:.3f} | {d['reference_perplexity']:.2f} |"
+                 for m, d in results["decode"].items()]
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import gc
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from vllm_pp.offline import environ
+
+if TYPE_CHECKING:
+    from vllm import LLM
 
 TESTS_DIR = Path(__file__).resolve().parent
 

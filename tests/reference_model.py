@@ -1,5 +1,10 @@
 """An independent plain-PyTorch forward of LLaMA and OPT with pruned heads/channels.
 
+``step_forward`` runs one vLLM step (chunks of several sequences, each with its
+own cache) through every layer together, calling a ``block`` hook on every
+output projection's input; ``ReferenceModel.forward`` is one sequence with
+fixed masks.
+
 Written from the model definitions and the pruning spec, sharing no code with
 ``vllm_pp``: it reads the Hugging Face checkpoint directly, keeps a full
 (unpaged) KV cache per sequence, and prunes by zeroing the output projection's
@@ -8,11 +13,12 @@ running o_proj/down_proj on the kept columns only.
 
 ``kept(layer, kind, key)`` returns the kept global unit indices (heads for
 "attention", channels for "mlp") or None for dense; ``key`` is the largest
-position of the vLLM step the tokens belong to.
+key of the vLLM step the tokens belong to (see selection_hooks.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -23,14 +29,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 KeptFn = Callable[[int, str, int], "torch.Tensor | None"]
-
-
-def _mask(kept: torch.Tensor | None, num_units: int, unit_width: int) -> torch.Tensor | None:
-    if kept is None:
-        return None
-    mask = torch.zeros(num_units, dtype=torch.float64)
-    mask[kept] = 1.0
-    return mask.repeat_interleave(unit_width)
 
 
 class ReferenceModel:
@@ -51,88 +49,19 @@ class ReferenceModel:
         self, token_ids: list[int], start: int, cache, kept: KeptFn, key: int
     ) -> torch.Tensor:
         """Logits [len(token_ids), vocab] for tokens at positions start.. of one sequence."""
-        ids = torch.tensor(token_ids)
-        positions = torch.arange(start, start + len(token_ids))
-        if self.is_opt:
-            return self._opt(ids, positions, cache, kept, key)
-        return self._llama(ids, positions, cache, kept, key)
+        c = self.config
+        head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
 
-    # ---------------------------------------------------------------- LLaMA
-    def _llama(self, ids, positions, cache, kept, key):
-        c, w = self.config, self.w
-        heads, kv_heads = c["num_attention_heads"], c.get("num_key_value_heads") or c["num_attention_heads"]
-        head_dim = c.get("head_dim") or c["hidden_size"] // heads
-        eps = c["rms_norm_eps"]
+        def prune(layer, kind, residual, activations, positions):
+            units = kept(layer, kind, key)
+            if units is None:
+                return activations
+            width = head_dim if kind == "attention" else 1
+            mask = torch.zeros(activations.shape[1] // width, dtype=activations.dtype)
+            mask[units] = 1.0
+            return activations * mask.repeat_interleave(width)
 
-        def rms(x, weight):
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-        theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-        angles = positions[:, None].double() * inv_freq[None]  # [T, hd/2]
-        cos, sin = angles.cos().repeat(1, 2)[:, None], angles.sin().repeat(1, 2)[:, None]
-
-        def rope(x):  # [T, n, hd], rotate-half (neox) convention
-            x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
-            return x * cos + torch.cat([-x2, x1], -1) * sin
-
-        h = w["embed_tokens.weight"][ids]
-        for i in range(c["num_hidden_layers"]):
-            p = f"layers.{i}."
-            x = rms(h, w[p + "input_layernorm.weight"])
-            q = (x @ w[p + "self_attn.q_proj.weight"].T).view(-1, heads, head_dim)
-            k = (x @ w[p + "self_attn.k_proj.weight"].T).view(-1, kv_heads, head_dim)
-            v = (x @ w[p + "self_attn.v_proj.weight"].T).view(-1, kv_heads, head_dim)
-            out = self._attend(rope(q), rope(k), v, cache[i], heads // kv_heads)
-            mask = _mask(kept(i, "attention", key), heads, head_dim)
-            out = out if mask is None else out * mask
-            h = h + out @ w[p + "self_attn.o_proj.weight"].T
-            x = rms(h, w[p + "post_attention_layernorm.weight"])
-            inner = F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)
-            mask = _mask(kept(i, "mlp", key), inner.shape[-1], 1)
-            inner = inner if mask is None else inner * mask
-            h = h + inner @ w[p + "mlp.down_proj.weight"].T
-        h = rms(h, w["norm.weight"])
-        head = w.get("lm_head.weight", w["embed_tokens.weight"])
-        return h @ head.T
-
-    # ------------------------------------------------------------------ OPT
-    def _opt(self, ids, positions, cache, kept, key):
-        c, w = self.config, self.w
-        heads = c["num_attention_heads"]
-        head_dim = c["hidden_size"] // heads
-        pre_norm = c.get("do_layer_norm_before", True)
-
-        def ln(x, name):
-            return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], 1e-5)
-
-        def linear(x, name):
-            return x @ w[name + ".weight"].T + w[name + ".bias"]
-
-        d = "decoder."
-        h = w[d + "embed_tokens.weight"][ids] + w[d + "embed_positions.weight"][positions + 2]
-        for i in range(c["num_hidden_layers"]):
-            p = f"{d}layers.{i}."
-            x = ln(h, p + "self_attn_layer_norm") if pre_norm else h
-            q = linear(x, p + "self_attn.q_proj").view(-1, heads, head_dim)
-            k = linear(x, p + "self_attn.k_proj").view(-1, heads, head_dim)
-            v = linear(x, p + "self_attn.v_proj").view(-1, heads, head_dim)
-            out = self._attend(q, k, v, cache[i], 1)
-            mask = _mask(kept(i, "attention", key), heads, head_dim)
-            out = out if mask is None else out * mask
-            h = h + linear(out, p + "self_attn.out_proj")
-            if not pre_norm:
-                h = ln(h, p + "self_attn_layer_norm")
-            x = ln(h, p + "final_layer_norm") if pre_norm else h
-            inner = F.relu(linear(x, p + "fc1"))
-            mask = _mask(kept(i, "mlp", key), inner.shape[-1], 1)
-            inner = inner if mask is None else inner * mask
-            h = h + linear(inner, p + "fc2")
-            if not pre_norm:
-                h = ln(h, p + "final_layer_norm")
-        if pre_norm:
-            h = ln(h, d + "final_layer_norm")
-        return h @ w.get("lm_head.weight", w[d + "embed_tokens.weight"]).T
+        return step_forward(self, [(token_ids, start, cache)], prune)[0]
 
     # ------------------------------------------------------------ attention
     @staticmethod
@@ -149,3 +78,120 @@ class ReferenceModel:
         scores = scores.masked_fill(torch.arange(num_all)[None] > query_pos, float("-inf"))
         out = torch.einsum("hts,shd->thd", scores.softmax(-1), v_all)
         return out.reshape(num_new, -1)
+
+
+# block(layer, kind, residual [T, D], activations [T, C], positions [T]) returns the
+# output projection's input [T, C] (the activations, pruned or not).
+BlockFn = Callable[[int, str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# One chunk of a step: (token ids, position of the first, the sequence's KV cache).
+Segment = tuple[list[int], int, list]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one thread: the reference's matrices are tiny, and on a busy
+    machine OpenMP's thread hand-offs make them ~10x slower than one thread.
+
+    Calls the builtin ``torch._C.set_num_threads``: a process that hosted an
+    in-process vLLM CPU engine has ``torch.set_num_threads`` replaced by a no-op.
+    """
+    threads = torch.get_num_threads()
+    torch._C.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch._C.set_num_threads(threads)
+
+
+def step_forward(model: ReferenceModel, segments: list[Segment], block: BlockFn) -> list[torch.Tensor]:
+    """Logits of every segment of one step, all segments going through each layer together.
+
+    ``block`` sees every block's residual and output-projection input for all the
+    step's tokens, in the segments' order, before the output projection runs.
+    """
+    ids = torch.tensor([t for tokens, _, _ in segments for t in tokens])
+    positions = torch.cat([torch.arange(start, start + len(tokens)) for tokens, start, _ in segments])
+    bounds = [0]
+    for tokens, _, _ in segments:
+        bounds.append(bounds[-1] + len(tokens))
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    caches = [cache for _, _, cache in segments]
+
+    def attend(layer, q, k, v, group):  # each segment over its own sequence's cache
+        return torch.cat([
+            ReferenceModel._attend(q[a:b], k[a:b], v[a:b], cache[layer], group)
+            for (a, b), cache in zip(spans, caches)
+        ])
+
+    forward = _opt if model.is_opt else _llama
+    logits = forward(model, ids, positions, attend, block)
+    return [logits[a:b] for a, b in spans]
+
+
+def _llama(model, ids, positions, attend, block):
+    c, w = model.config, model.w
+    heads = c["num_attention_heads"]
+    kv_heads = c.get("num_key_value_heads") or heads
+    head_dim = c.get("head_dim") or c["hidden_size"] // heads
+    eps = c["rms_norm_eps"]
+
+    def rms(x, weight):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = positions[:, None].double() * inv_freq[None]
+    cos, sin = angles.cos().repeat(1, 2)[:, None], angles.sin().repeat(1, 2)[:, None]
+
+    def rope(x):  # [T, n, hd], rotate-half convention
+        x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    h = w["embed_tokens.weight"][ids]
+    for i in range(c["num_hidden_layers"]):
+        p = f"layers.{i}."
+        x = rms(h, w[p + "input_layernorm.weight"])
+        q = (x @ w[p + "self_attn.q_proj.weight"].T).view(-1, heads, head_dim)
+        k = (x @ w[p + "self_attn.k_proj.weight"].T).view(-1, kv_heads, head_dim)
+        v = (x @ w[p + "self_attn.v_proj.weight"].T).view(-1, kv_heads, head_dim)
+        out = block(i, "attention", h, attend(i, rope(q), rope(k), v, heads // kv_heads), positions)
+        h = h + out @ w[p + "self_attn.o_proj.weight"].T
+        x = rms(h, w[p + "post_attention_layernorm.weight"])
+        inner = F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)
+        h = h + block(i, "mlp", h, inner, positions) @ w[p + "mlp.down_proj.weight"].T
+    h = rms(h, w["norm.weight"])
+    return h @ w.get("lm_head.weight", w["embed_tokens.weight"]).T
+
+
+def _opt(model, ids, positions, attend, block):
+    c, w = model.config, model.w
+    heads = c["num_attention_heads"]
+    head_dim = c["hidden_size"] // heads
+    pre_norm = c.get("do_layer_norm_before", True)
+
+    def ln(x, name):
+        return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], 1e-5)
+
+    def linear(x, name):
+        return x @ w[name + ".weight"].T + w[name + ".bias"]
+
+    d = "decoder."
+    h = w[d + "embed_tokens.weight"][ids] + w[d + "embed_positions.weight"][positions + 2]
+    for i in range(c["num_hidden_layers"]):
+        p = f"{d}layers.{i}."
+        x = ln(h, p + "self_attn_layer_norm") if pre_norm else h
+        q = linear(x, p + "self_attn.q_proj").view(-1, heads, head_dim)
+        k = linear(x, p + "self_attn.k_proj").view(-1, heads, head_dim)
+        v = linear(x, p + "self_attn.v_proj").view(-1, heads, head_dim)
+        out = block(i, "attention", h, attend(i, q, k, v, 1), positions)
+        h = h + linear(out, p + "self_attn.out_proj")
+        if not pre_norm:
+            h = ln(h, p + "self_attn_layer_norm")
+        x = ln(h, p + "final_layer_norm") if pre_norm else h
+        inner = F.relu(linear(x, p + "fc1"))
+        h = h + linear(block(i, "mlp", h, inner, positions), p + "fc2")
+        if not pre_norm:
+            h = ln(h, p + "final_layer_norm")
+    if pre_norm:
+        h = ln(h, d + "final_layer_norm")
+    return h @ w.get("lm_head.weight", w[d + "embed_tokens.weight"]).T

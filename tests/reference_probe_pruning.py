@@ -37,135 +37,15 @@ choice either way.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 
-from reference_model import ReferenceModel
-
-# block(layer, kind, residual [T, D], activations [T, C], positions [T]) returns the
-# output projection's input [T, C] (the activations, pruned or not).
-BlockFn = Callable[[int, str, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# One chunk of a step: (token ids, position of the first, the sequence's KV cache).
-Segment = tuple[list[int], int, list]
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run torch on one thread: the reference's matrices are tiny, and on a busy
-    machine OpenMP's thread hand-offs make them ~10x slower than one thread.
-
-    Calls the builtin ``torch._C.set_num_threads``: a process that hosted an
-    in-process vLLM CPU engine has ``torch.set_num_threads`` replaced by a no-op.
-    """
-    threads = torch.get_num_threads()
-    torch._C.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch._C.set_num_threads(threads)
-
-
-def step_forward(model: ReferenceModel, segments: list[Segment], block: BlockFn) -> list[torch.Tensor]:
-    """Logits of every segment of one step, all segments going through each layer together.
-
-    ``block`` sees every block's residual and output-projection input for all the
-    step's tokens, in the segments' order, before the output projection runs.
-    """
-    ids = torch.tensor([t for tokens, _, _ in segments for t in tokens])
-    positions = torch.cat([torch.arange(start, start + len(tokens)) for tokens, start, _ in segments])
-    bounds = [0]
-    for tokens, _, _ in segments:
-        bounds.append(bounds[-1] + len(tokens))
-    spans = list(zip(bounds[:-1], bounds[1:]))
-    caches = [cache for _, _, cache in segments]
-
-    def attend(layer, q, k, v, group):  # each segment over its own sequence's cache
-        return torch.cat([
-            ReferenceModel._attend(q[a:b], k[a:b], v[a:b], cache[layer], group)
-            for (a, b), cache in zip(spans, caches)
-        ])
-
-    forward = _opt if model.is_opt else _llama
-    logits = forward(model, ids, positions, attend, block)
-    return [logits[a:b] for a, b in spans]
-
-
-def _llama(model, ids, positions, attend, block):
-    c, w = model.config, model.w
-    heads = c["num_attention_heads"]
-    kv_heads = c.get("num_key_value_heads") or heads
-    head_dim = c.get("head_dim") or c["hidden_size"] // heads
-    eps = c["rms_norm_eps"]
-
-    def rms(x, weight):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-    theta = (c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 10000.0))
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    angles = positions[:, None].double() * inv_freq[None]
-    cos, sin = angles.cos().repeat(1, 2)[:, None], angles.sin().repeat(1, 2)[:, None]
-
-    def rope(x):  # [T, n, hd], rotate-half convention
-        x1, x2 = x[..., : head_dim // 2], x[..., head_dim // 2 :]
-        return x * cos + torch.cat([-x2, x1], -1) * sin
-
-    h = w["embed_tokens.weight"][ids]
-    for i in range(c["num_hidden_layers"]):
-        p = f"layers.{i}."
-        x = rms(h, w[p + "input_layernorm.weight"])
-        q = (x @ w[p + "self_attn.q_proj.weight"].T).view(-1, heads, head_dim)
-        k = (x @ w[p + "self_attn.k_proj.weight"].T).view(-1, kv_heads, head_dim)
-        v = (x @ w[p + "self_attn.v_proj.weight"].T).view(-1, kv_heads, head_dim)
-        out = block(i, "attention", h, attend(i, rope(q), rope(k), v, heads // kv_heads), positions)
-        h = h + out @ w[p + "self_attn.o_proj.weight"].T
-        x = rms(h, w[p + "post_attention_layernorm.weight"])
-        inner = F.silu(x @ w[p + "mlp.gate_proj.weight"].T) * (x @ w[p + "mlp.up_proj.weight"].T)
-        h = h + block(i, "mlp", h, inner, positions) @ w[p + "mlp.down_proj.weight"].T
-    h = rms(h, w["norm.weight"])
-    return h @ w.get("lm_head.weight", w["embed_tokens.weight"]).T
-
-
-def _opt(model, ids, positions, attend, block):
-    c, w = model.config, model.w
-    heads = c["num_attention_heads"]
-    head_dim = c["hidden_size"] // heads
-    pre_norm = c.get("do_layer_norm_before", True)
-
-    def ln(x, name):
-        return F.layer_norm(x, x.shape[-1:], w[name + ".weight"], w[name + ".bias"], 1e-5)
-
-    def linear(x, name):
-        return x @ w[name + ".weight"].T + w[name + ".bias"]
-
-    d = "decoder."
-    h = w[d + "embed_tokens.weight"][ids] + w[d + "embed_positions.weight"][positions + 2]
-    for i in range(c["num_hidden_layers"]):
-        p = f"{d}layers.{i}."
-        x = ln(h, p + "self_attn_layer_norm") if pre_norm else h
-        q = linear(x, p + "self_attn.q_proj").view(-1, heads, head_dim)
-        k = linear(x, p + "self_attn.k_proj").view(-1, heads, head_dim)
-        v = linear(x, p + "self_attn.v_proj").view(-1, heads, head_dim)
-        out = block(i, "attention", h, attend(i, q, k, v, 1), positions)
-        h = h + linear(out, p + "self_attn.out_proj")
-        if not pre_norm:
-            h = ln(h, p + "self_attn_layer_norm")
-        x = ln(h, p + "final_layer_norm") if pre_norm else h
-        inner = F.relu(linear(x, p + "fc1"))
-        h = h + linear(block(i, "mlp", h, inner, positions), p + "fc2")
-        if not pre_norm:
-            h = ln(h, p + "final_layer_norm")
-    if pre_norm:
-        h = ln(h, d + "final_layer_norm")
-    return h @ w.get("lm_head.weight", w[d + "embed_tokens.weight"]).T
-
+from reference_model import ReferenceModel, single_thread, step_forward
 
 def output_weight(model: ReferenceModel, layer: int, kind: str) -> torch.Tensor:
     """The block's output projection weight ``[D, C]`` (o_proj/out_proj, down_proj/fc2)."""

@@ -26,15 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 from engines import vllm_engine
-from reference_model import ReferenceModel
-from reference_probe_pruning import (
-    ReferenceProbePruning,
-    Run,
-    Settings,
-    calibration_statistics,
-    single_thread,
-    step_forward,
-)
+from reference_model import ReferenceModel, single_thread, step_forward
+from reference_probe_pruning import ReferenceProbePruning, Run, Settings, calibration_statistics
 from schedule_replay import decode_mismatch, segment_requests, vllm_generate
 from selection_hooks import fixed_kept_units
 
@@ -185,7 +178,7 @@ def _violations(decisions: dict, records: dict) -> list[tuple]:
 
 
 def test_step_forward_matches_reference_model(random_models):
-    """The step-wise forward equals reference_model.py's per-sequence forward under the same masks."""
+    """Chunks of several sequences in one step give the logits of each sequence run alone."""
     for family in FAMILIES:
         model = ReferenceModel(random_models[family])
         units = {

@@ -12,8 +12,7 @@ import math
 import pytest
 import torch
 from engines import vllm_engine
-from reference_model import ReferenceModel
-from reference_probe_pruning import single_thread
+from reference_model import ReferenceModel, single_thread
 from schedule_replay import chunks_per_request, decode_mismatch, vllm_generate
 from selection_hooks import fixed_kept_units
 

@@ -46,14 +46,12 @@ def test_serve_with_pp_ratio(default_model, form):
     [
         ("1.5", "probe_pruning.ratio=1.5 is invalid: expected a number in [0, 1)"),
         ("abc", "probe_pruning.ratio='abc' is invalid: expected a number"),
-        ("nan", "probe_pruning.ratio='nan' is invalid: expected a number, not NaN"),
-        ("-0.1", "probe_pruning.ratio=-0.1 is invalid: expected a number in [0, 1)"),
     ],
 )
 def test_bad_pp_ratio_fails_fast(default_model, value, message):
+    """The real command (each start costs ~20 s of imports); more values in test_runtime_patches."""
     started = time.monotonic()
-    # "--pp-ratio=-0.1": vLLM's own argv preprocessing crashes on "--pp-ratio -0.1".
-    result = run_vllm(["serve", str(default_model), f"--pp-ratio={value}"])
+    result = run_vllm(["serve", str(default_model), "--pp-ratio", value])
     assert result.returncode != 0
     assert f"argument --pp-ratio: {message}" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 60

@@ -53,6 +53,7 @@ def save_statistics(path: str | Path, tensors: Mapping[str, torch.Tensor], metad
     os.close(fd)
     try:
         save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=header)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; other workers may read it
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
