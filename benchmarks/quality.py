@@ -25,9 +25,12 @@ RUNS = [
     *[(f"{m}:{r}", m, r, {}) for r in (0.2, 0.4) for m in ("probe", "full-batch", "flap", "wanda-sp")],
 ]
 ABLATIONS = [
-    ("probe:0.4:probe-ratio-0.0625", "probe", 0.4, {"probe": {"ratio": 0.0625}}),
+    ("probe:0.2:history-per-position", "probe", 0.2, {"history": {"position_bucket_size": 1}}),
+    ("probe:0.4:history-per-position", "probe", 0.4, {"history": {"position_bucket_size": 1}}),
     ("probe:0.4:history-one-row", "probe", 0.4, {"history": {"position_bucket_size": 0}}),
-    ("probe:0.4:history-buckets-64", "probe", 0.4, {"history": {"position_bucket_size": 64}}),
+    ("probe:0.4:probe-ratio-0.0625", "probe", 0.4, {"probe": {"ratio": 0.0625}}),
+    ("probe:0.4:history-per-position+probe-ratio-0.0625", "probe", 0.4,
+     {"history": {"position_bucket_size": 1}, "probe": {"ratio": 0.0625}}),
 ]
 
 
@@ -46,7 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--table", type=Path, help="only print the Markdown table of this results file")
     args = parser.parse_args(argv)
     if args.table:
-        print(markdown_table(json.loads(args.table.read_text())))
+        results = json.loads(args.table.read_text())
+        print(markdown_table(results))
+        plot(results, args.table.with_suffix(".png"))
         return 0
 
     from vllm_pp.offline import PerplexityRun, evaluate_perplexity, run_as_dict
@@ -54,6 +59,7 @@ def main(argv=None) -> int:
 
     out = args.out or RESULTS / f"quality_{Path(args.model).name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
+    results.pop("notes", None)
     runs = RUNS + (ABLATIONS if args.ablations else [])
     for label, method, ratio, extra in runs:
         if args.only and label not in args.only:
@@ -122,6 +128,28 @@ def measure_decode_quality(args) -> dict:
 
 
 
+def plot(results: dict, out: Path) -> None:
+    """Perplexity per method at ratios 0.2 and 0.4, dense as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = ["probe", "full-batch", "flap", "wanda-sp"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for offset, ratio in ((-0.2, "0.2"), (0.2, "0.4")):
+        values = [results.get(f"{m}:{ratio}", {}).get("perplexity", float("nan")) for m in methods]
+        bars = ax.bar([i + offset for i in range(len(methods))], values, width=0.4, label=f"ratio {ratio}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.axhline(results["dense"]["perplexity"], color="black", linestyle="--", label="dense")
+    ax.set_xticks(range(len(methods)), ["PP (probe)", "full-batch", "FLAP", "Wanda-sp"])
+    ax.set_ylabel("perplexity (lower is better)")
+    ax.set_title(f"{Path(results['dense']['model']).name}, {results['dense']['num_windows']} x 512 tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def markdown_table(results: dict) -> str:
     """The perplexity table (and decode quality, if measured) as Markdown."""
     reference = {  # the issue's faithful plain-PyTorch reference (128 windows, bf16)
@@ -137,8 +165,10 @@ def markdown_table(results: dict) -> str:
         rows.append(f"| {method} | {cells[0]} | {cells[1]} | {ref2} | {ref4} |")
     ablations = [k for k in results if k.count(":") == 2]
     if ablations:
-        rows += ["", "| PP ablation at 0.4 | perplexity |", "|---|---|"]
-        rows += [f"| {k.split(':', 2)[2]} | {results[k]['perplexity']:.2f} |" for k in ablations]
+        rows += ["", "| PP variant (default: 64-position history buckets, 2.5% probe) | ratio | perplexity |",
+                 "|---|---|---|"]
+        rows += [f"| {k.split(':', 2)[2]} | {results[k]['ratio']} | {results[k]['perplexity']:.2f} |"
+                 for k in sorted(ablations)]
     if "decode" in results:
         rows += ["", "| method at 0.4 | token match | prefix match | perplexity of dense continuation |",
                  "|---|---|---|---|"]

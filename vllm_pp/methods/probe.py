@@ -62,7 +62,9 @@ class ProbePruningMethod(PruningMethod):
         self.num_buckets = math.ceil(worker.max_model_len / self.bucket_size)
         # history[block]: [num_buckets, width] running E[x^2] of the output
         # projection's input; allocated now so vLLM's memory profile sees it.
-        self.history = {b: torch.zeros(self.num_buckets, b.width) for b in blocks}
+        self.history = {
+            b: torch.zeros(self.num_buckets, b.width, dtype=torch.float32) for b in blocks
+        }
         self.weight_norms: dict[PrunableBlock, torch.Tensor] = {}
         self.skipped_history_rows = 0
 
