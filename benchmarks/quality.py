@@ -59,7 +59,6 @@ def main(argv=None) -> int:
 
     out = args.out or RESULTS / f"quality_{Path(args.model).name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    results.pop("notes", None)
     runs = RUNS + (ABLATIONS if args.ablations else [])
     for label, method, ratio, extra in runs:
         if args.only and label not in args.only:

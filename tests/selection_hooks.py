@@ -17,6 +17,7 @@ import math
 import torch
 
 from vllm_pp.methods.base import PruningMethod
+from vllm_pp.methods.probe import ProbePruningMethod
 
 
 def fixed_kept_units(
@@ -50,9 +51,6 @@ class FixedSelection(PruningMethod):
         start = self.worker.tp_rank * block.num_units
         mine = kept[(kept >= start) & (kept < start + block.num_units)] - start
         return mine.to(residual.device)
-
-
-from vllm_pp.methods.probe import ProbePruningMethod  # noqa: E402
 
 
 class LoggedProbePruning(ProbePruningMethod):

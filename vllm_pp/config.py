@@ -78,8 +78,6 @@ class ProbeConfig:
 class HistoryConfig:
     """The per-worker history store (spec section 2)."""
 
-    # A saved history to load at start-up and to save at clean shutdown.
-    path: str | None = None
     # EMA momentum of the update after full inference (paper: 0.99).
     ema_momentum: float = 0.99
     # Positions share a history row per bucket of this many positions. The

@@ -95,8 +95,6 @@ CLI_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "Probe pruning: share of a step's tokens that run ahead as the probe, in (0, 1]."),
     ("--pp-calibration", "calibration", str,
      "Probe pruning: calibration statistics file written by `vllm-pp calibrate`."),
-    ("--pp-history", "history.path", str,
-     "Probe pruning: history file loaded at start-up and saved at clean shutdown."),
     ("--pp-skip-layers", "skip_layers", _checked(_skip_layers),
      "Probe pruning: comma-separated decoder layers never pruned (default 0,1,2)."),
 )
