@@ -54,7 +54,9 @@ def main(argv=None) -> int:
         plot(results, args.table.with_suffix(".png"))
         return 0
 
-    from vllm_pp.offline import PerplexityRun, evaluate_perplexity, run_as_dict
+    from dataclasses import asdict
+
+    from vllm_pp.offline import PerplexityRun, evaluate_perplexity
     from vllm_pp.text_data import prepare_text
 
     out = args.out or RESULTS / f"quality_{Path(args.model).name}.json"
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
             tensor_parallel_size=1, dtype=args.dtype,
         )
         print(f"[quality] {label} ...", file=sys.stderr, flush=True)
-        result = run_as_dict(evaluate_perplexity(run, extra))
+        result = asdict(evaluate_perplexity(run, extra))
         result["extra"] = extra
         results[label] = result
         print(f"[quality] {label}: perplexity {result['perplexity']:.3f} "

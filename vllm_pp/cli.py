@@ -121,7 +121,9 @@ def _calibrate(args: argparse.Namespace) -> list[str]:
 def _eval_ppl(args: argparse.Namespace) -> list[str]:
     import json
 
-    from vllm_pp.offline import PerplexityRun, evaluate_perplexity, run_as_dict
+    from dataclasses import asdict
+
+    from vllm_pp.offline import PerplexityRun, evaluate_perplexity
     from vllm_pp.text_data import prepare_text
 
     run = PerplexityRun(
@@ -130,7 +132,7 @@ def _eval_ppl(args: argparse.Namespace) -> list[str]:
         calibration=str(args.calibration) if args.calibration else None,
         probe_ratio=args.probe_ratio, seq_len=args.seq_len, num_windows=args.num_windows,
         batch_size=args.batch_size, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
-    result = run_as_dict(evaluate_perplexity(run))
+    result = asdict(evaluate_perplexity(run))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

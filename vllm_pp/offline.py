@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -181,10 +181,6 @@ def evaluate_perplexity(run: PerplexityRun, extra_config: dict | None = None) ->
     run.perplexity, run.num_tokens = math.exp(nll / count), count
     run.seconds = time.monotonic() - started
     return run
-
-
-def run_as_dict(run: PerplexityRun) -> dict[str, Any]:
-    return asdict(run)
 
 
 def dense_continuations(model: str, prompts: list[list[int]], new_tokens: int, **engine) -> list[list[int]]:

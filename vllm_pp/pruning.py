@@ -9,6 +9,7 @@ import torch
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
 from vllm_pp.methods import build_method
 from vllm_pp.methods.base import PrunableBlock, ProbeFn, PruningMethod, WorkerInfo
+from vllm_pp.statistics import model_identity
 from vllm_pp.step import StepTracker
 from vllm_pp.vllm_compat import check_vllm_version, step_attention_metadata
 
@@ -52,8 +53,6 @@ class ProbePruning:
             get_tensor_model_parallel_rank,
             get_tensor_model_parallel_world_size,
         )
-
-        from vllm_pp.statistics import model_identity
 
         self.config = config
         hf_config = vllm_config.model_config.hf_config

@@ -22,9 +22,6 @@ from vllm_pp.algorithm.history import CalibrationMoments
 from vllm_pp.methods.base import PrunableBlock, PruningMethod, WorkerInfo
 from vllm_pp.statistics import load_statistics, tensor_name
 
-STATS = ("sq_mean", "count", "mean", "variance_sum")
-
-
 class CalibrationRecorder(PruningMethod):
     """Keeps everything; records moments. method_options: {"max_positions": int}."""
 
