@@ -41,14 +41,15 @@ def vllm_engine(
     ``plugin=False`` starts vanilla vLLM (VLLM_PLUGINS=""): its engine must run
     in other processes, since this one has loaded the plugin. ``in_process``
     runs the engine core and the worker in this process, which starts ~30 s
-    faster (no process spawns) and needs the plugin.
+    faster (no process spawns) and needs the plugin; with tensor parallelism the
+    workers still run in their own processes (mp) or Ray actors.
     """
     from vllm import LLM
 
     settings = {**ENGINE_DEFAULTS, **kwargs}
     env = {} if plugin else {"VLLM_PLUGINS": ""}
     if in_process:
-        assert plugin and settings.get("tensor_parallel_size", 1) == 1
+        assert plugin
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if settings.get("tensor_parallel_size", 1) > 1:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(

@@ -62,3 +62,30 @@ def vllm_server(args: list[str], *, timeout: float = 300, env: dict | None = Non
 def run_vllm(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a vllm CLI command that is expected to exit on its own."""
     return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def exercise_endpoints(base_url: str, model: str) -> None:
+    # Pruning decisions depend on the step and on the history the server has
+    # accumulated, so repeated requests need not give the same text: check form.
+    import openai
+
+    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
+    prompt = "The capital of France is"
+    completion = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    assert completion.choices[0].text.strip() and completion.usage.completion_tokens == 8
+    chunks = list(client.completions.create(
+        model=model, prompt=prompt, max_tokens=8, temperature=0, stream=True
+    ))
+    assert "".join(c.choices[0].text for c in chunks).strip()
+    assert chunks[-1].choices[0].finish_reason == "length"
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content and chat.choices[0].message.role == "assistant"
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in client.chat.completions.create(
+            model=model, messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+        if chunk.choices
+    ]
+    assert "".join(pieces).strip()

@@ -406,3 +406,100 @@ def test_flap_bias_compensation_replaces_pruned_inputs_by_mean():
     out = w[:, kept] @ x[kept] + flap_bias_compensation(w, mean, pruned)
     torch.testing.assert_close(out, w @ x_filled)
     assert flap_bias_compensation(w, mean, pruned).shape == (6,)
+
+
+# ------------------------------------------------------------------ numerical safety
+
+
+def test_fuse_clamps_overflowed_half_precision_inputs():
+    # What an fp16/bf16 overflow leaves behind: +-inf, NaN, and bf16 values
+    # beyond fp16's range. Negative squares cannot occur; they count as 0.
+    pb = torch.tensor([[float("inf"), float("-inf"), float("nan"), 2.0]], dtype=torch.float16)
+    hs = torch.tensor([[0.0, 3e38, 1e30, -5.0]], dtype=torch.bfloat16)
+    out = fuse_probe_with_history(pb, hs)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([FP16_MAX, FP16_MAX, FP16_MAX, 2.0]))
+    # Summed over many clamped probe rows the statistic stays finite in float32.
+    many = torch.full((4096, 3), float("inf"), dtype=torch.float16)
+    assert torch.isfinite(fuse_probe_with_history(many, many)).all()
+
+
+def test_probe_selection_ranks_overflowed_tokens_deterministically():
+    residual = torch.tensor(
+        [[1.0, 1.0], [float("nan"), 0.0], [float("inf"), 0.0], [2.0, 2.0]], dtype=torch.float16
+    )
+    importance = token_importance(residual)
+    # An infinite residual is the most important token, an undefined one the least.
+    assert select_probe_tokens(importance, 2).tolist() == [2, 3]
+    assert select_probe_tokens(importance, 4).tolist() == [0, 1, 2, 3]
+    assert select_probe_tokens(importance, 3).tolist() == [0, 2, 3]
+
+
+def test_top_k_indices_ties_are_deterministic_at_layer_width():
+    # LLaMA-7B's MLP width in bf16: rounding makes ties everywhere.
+    g = _gen(8)
+    scores = (torch.rand(11008, generator=g) * 8).round().bfloat16()
+    scores[::7] = -0.0  # -0.0 and 0.0 tie as well
+    scores[1::7] = 0.0
+    k = 6208
+    expected = _reference_top_k(scores.float().tolist(), k)
+    threads = torch.get_num_threads()
+    try:
+        for num_threads in (1, threads):
+            torch.set_num_threads(num_threads)
+            for _ in range(3):
+                assert top_k_indices(scores, k).tolist() == expected
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _pp_method_one_block():
+    """PP on one attention block of 4 heads x 2 channels, all on the CPU, no vLLM."""
+    from vllm_pp.config import ProbePruningConfig
+    from vllm_pp.methods.base import PrunableBlock, WorkerInfo
+    from vllm_pp.methods.probe import ProbePruningMethod
+
+    block = PrunableBlock(0, "attention", width=8, head_dim=2)
+    config = ProbePruningConfig(ratio=0.5, skip_layers=[])
+    method = ProbePruningMethod(config, [block], WorkerInfo(num_layers=1, tp_rank=0, tp_size=1,
+                                                             max_model_len=128))
+    method.prepare({block: torch.ones(6, 8)})
+    return method, block
+
+
+def _step(positions: list[int]):
+    from vllm_pp.step import StepBatch
+
+    n = len(positions)
+    return StepBatch(index=0, num_tokens=n, max_query_len=n, positions=torch.tensor(positions),
+                     query_start_loc=torch.tensor([0, n]), seq_lens=torch.tensor([n]))
+
+
+def test_pp_history_update_skips_and_counts_non_finite_rows():
+    method, block = _pp_method_one_block()
+    batch = _step([0, 1, 64, 65])  # buckets 0, 0, 1, 1 (64 positions per bucket)
+    activations = torch.ones(4, 8, dtype=torch.float16)
+    activations[2, 3] = float("inf")  # overflowed in the block: bucket 1's update is not finite
+    method.update(block, batch, torch.arange(4), activations)
+    history = method.history[block]
+    assert method.skipped_history_rows == 1
+    assert torch.isfinite(history).all()
+    assert torch.equal(history[1], torch.zeros(8))  # left as it was
+    torch.testing.assert_close(history[0], torch.full((8,), 0.01))  # (1 - 0.99) * 1^2
+    activations[0, 0] = float("nan")
+    method.update(block, batch, torch.arange(4), activations)
+    assert method.skipped_history_rows == 3 and torch.isfinite(history).all()
+
+
+def test_pp_decision_with_overflowed_probe_is_finite_and_deterministic():
+    method, block = _pp_method_one_block()
+    batch = _step([0, 1, 2, 3])
+    residual = torch.tensor([[1.0], [5.0], [1.0], [1.0]])  # token 1 is the probe
+    probe_out = torch.tensor([[0.0, 0.0, float("inf"), 1.0, float("nan"), 0.0, 3.0, 3.0]],
+                             dtype=torch.float16)
+    def probe(rows):
+        return probe_out[: rows.numel()]
+
+    decisions = [method.decide(block, batch, residual, probe).tolist() for _ in range(2)]
+    # Half of 4 heads kept: head 1 (clamped inf) and head 3 (3, 3) beat head 2 (NaN -> 0) and head 0.
+    assert decisions == [[1, 3], [1, 3]]

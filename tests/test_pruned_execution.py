@@ -82,7 +82,7 @@ def pruned_run(request, random_models, tmp_path_factory):
     path = random_models[family]
     schedule_log = tmp_path_factory.mktemp("schedule") / "steps.jsonl"
     with vllm_engine(
-        path, tensor_parallel_size=tp_size, in_process=tp_size == 1,
+        path, tensor_parallel_size=tp_size, in_process=True,
         additional_config=_config(schedule_log),
     ) as llm:
         got = vllm_generate(llm, PROMPTS, DECODE_STEPS)

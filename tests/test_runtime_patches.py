@@ -112,3 +112,61 @@ def test_create_engine_config_hook_validates(random_models):
     bad = EngineArgs(model=str(random_models["opt"]), additional_config={"probe_pruning": {"ratio": 2}})
     with pytest.raises(ProbePruningConfigError, match=r"probe_pruning.ratio=2.0 is invalid"):
         bad.create_engine_config()
+
+
+def test_history_flag_is_folded(serve_parser, model_dir):
+    engine_args = _engine_args(serve_parser, model_dir, ["--pp-ratio", "0.4", "--pp-history", "/h"])
+    assert engine_args.additional_config["probe_pruning"]["history"] == {"path": "/h"}
+
+
+class _RecordingExecutor:
+    def __init__(self):
+        self.calls = []
+
+    def collective_rpc(self, method, timeout=None):
+        self.calls.append(method)
+        return ["/h/rank0.safetensors"]
+
+
+class _EngineCoreStandIn:
+    def __init__(self, probe_pruning: dict):
+        from types import SimpleNamespace
+
+        self.vllm_config = SimpleNamespace(additional_config={"probe_pruning": probe_pruning})
+        self.model_executor = _RecordingExecutor()
+
+
+def test_engine_core_shutdown_hook_saves_history_first_and_once():
+    vllm_pp.register()
+    from vllm.v1.engine.core import EngineCore
+    from vllm_pp.pruning import save_probe_pruning_history
+    from vllm_pp.runtime_patches import _WRAPPED, _patch_engine_core_shutdown
+
+    assert getattr(EngineCore.shutdown, _WRAPPED, False)
+    order = []
+    shutdown = _patch_engine_core_shutdown(lambda core: order.append(list(core.model_executor.calls)))
+    saving = _EngineCoreStandIn({"ratio": 0.4, "history": {"path": "/h"}})
+    shutdown(saving)
+    shutdown(saving)  # vLLM may call shutdown twice
+    assert order == [[save_probe_pruning_history], [save_probe_pruning_history]]
+    for quiet in ({"ratio": 0.4}, {"ratio": 0.0, "history": {"path": "/h"}}):
+        core = _EngineCoreStandIn(quiet)
+        shutdown(core)
+        assert core.model_executor.calls == []
+
+
+def test_executor_get_class_hook_runs_ray_on_cpu():
+    vllm_pp.register()
+    from types import SimpleNamespace
+
+    from vllm.v1.executor.abstract import Executor
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+    from vllm_pp.ray_on_cpu import CpuRayExecutorV2
+
+    def get_class(backend):
+        return Executor.get_class(SimpleNamespace(
+            parallel_config=SimpleNamespace(distributed_executor_backend=backend)))
+
+    assert get_class("ray") is CpuRayExecutorV2
+    assert get_class("mp") is MultiprocExecutor
+    assert CpuRayExecutorV2._get_actor_resource_kwargs() == {"num_gpus": 0}

@@ -1,57 +1,40 @@
-"""`vllm serve ... --pp-ratio 0.4`, the way users type it, through the openai client."""
+"""`vllm serve ... --pp-ratio 0.4`, the way users type it.
+
+The pruned server itself is exercised (every endpoint, then under load) by
+tests/test_load.py, which owns the one SmolLM2 server of the suite.
+"""
 
 import time
 
-import openai
 import pytest
-from servers import run_vllm, vllm_server
-
-SERVE_FLAGS = ["--max-model-len", "1024", "--no-enable-prefix-caching", "--max-num-seqs", "8"]
+from servers import run_vllm
 
 
-def _exercise(base_url: str, model: str) -> None:
-    # Pruning decisions depend on the step and on the history the server has
-    # accumulated, so repeated requests need not give the same text: check form.
-    client = openai.OpenAI(base_url=base_url + "/v1", api_key="unused")
-    prompt = "The capital of France is"
-    completion = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
-    assert completion.choices[0].text.strip() and completion.usage.completion_tokens == 8
-    chunks = list(client.completions.create(
-        model=model, prompt=prompt, max_tokens=8, temperature=0, stream=True
-    ))
-    assert "".join(c.choices[0].text for c in chunks).strip()
-    assert chunks[-1].choices[0].finish_reason == "length"
-    messages = [{"role": "user", "content": "Name a colour."}]
-    chat = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
-    assert chat.choices[0].message.content and chat.choices[0].message.role == "assistant"
-    pieces = [
-        chunk.choices[0].delta.content or ""
-        for chunk in client.chat.completions.create(
-            model=model, messages=messages, max_tokens=8, temperature=0, stream=True
-        )
-        if chunk.choices
-    ]
-    assert "".join(pieces).strip()
+@pytest.mark.parametrize("flag", [["--model"], []], ids=["--model", "positional"])
+def test_both_model_forms_carry_the_ratio(flag, random_models):
+    import vllm_pp
+
+    vllm_pp.register()
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    top = FlexibleArgumentParser()
+    ServeSubcommand().subparser_init(top.add_subparsers())
+    model = str(random_models["llama-gqa"])
+    args = top.parse_args(["serve", *flag, model, "--pp-ratio", "0.4"])
+    # As `vllm serve` does: the positional model tag wins over --model.
+    args.model = getattr(args, "model_tag", None) or args.model
+    engine_args = AsyncEngineArgs.from_cli_args(args)
+    assert engine_args.model == model
+    assert engine_args.additional_config["probe_pruning"]["ratio"] == 0.4
 
 
-@pytest.mark.parametrize("form", ["--model", "positional"])
-def test_serve_with_pp_ratio(default_model, form):
-    model_args = ["--model", str(default_model)] if form == "--model" else [str(default_model)]
-    with vllm_server(model_args + ["--pp-ratio", "0.4", *SERVE_FLAGS]) as url:
-        _exercise(url, str(default_model))
-
-
-@pytest.mark.parametrize(
-    "value, message",
-    [
-        ("1.5", "probe_pruning.ratio=1.5 is invalid: expected a number in [0, 1)"),
-        ("abc", "probe_pruning.ratio='abc' is invalid: expected a number"),
-    ],
-)
-def test_bad_pp_ratio_fails_fast(default_model, value, message):
+def test_bad_pp_ratio_fails_fast(default_model):
     """The real command (each start costs ~20 s of imports); more values in test_runtime_patches."""
     started = time.monotonic()
-    result = run_vllm(["serve", str(default_model), "--pp-ratio", value])
+    result = run_vllm(["serve", str(default_model), "--pp-ratio", "abc"])
     assert result.returncode != 0
+    message = "probe_pruning.ratio='abc' is invalid: expected a number"
     assert f"argument --pp-ratio: {message}" in result.stderr, result.stderr[-2000:]
     assert time.monotonic() - started < 60

@@ -74,6 +74,8 @@ def add_calibrate_command(groups: argparse._SubParsersAction) -> None:
     calibrate.add_argument("--batch-size", type=_positive_int, default=8, help="windows per step")
     calibrate.add_argument("--seed", type=int, default=0)
     calibrate.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
+    calibrate.add_argument("--distributed-executor-backend", choices=("mp", "ray"),
+                           help="how TP workers run (vLLM's default: mp on one host)")
     calibrate.add_argument("--dtype", default="auto")
     calibrate.set_defaults(handler=_calibrate)
 
@@ -114,7 +116,8 @@ def _calibrate(args: argparse.Namespace) -> list[str]:
     text = args.text or prepare_text(quiet=True).calibration
     info = calibrate(args.model, args.out, text=text, num_samples=args.num_samples,
                      seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-                     tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype)
+                     tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype,
+                     distributed_executor_backend=args.distributed_executor_backend)
     return [info["out"]]
 
 

@@ -56,6 +56,14 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ProbePruningConfigError(
+            f"probe_pruning.{name}={value!r} is invalid: expected an integer >= 0"
+        )
+    return value
+
+
 @dataclass(frozen=True)
 class ProbeConfig:
     """How many of a step's tokens run ahead through each pruned block."""
@@ -85,9 +93,16 @@ class HistoryConfig:
     # 64 gave perplexity 70.5 against 76.8 per position and 71.0 for a single
     # row (benchmarks/results). 0 keeps one row for all positions.
     position_bucket_size: int = 64
+    # Directory of saved history shards (one file per TP rank): loaded at
+    # start-up when present, written at clean shutdown (vllm_pp/history_store.py).
+    path: str | None = None
 
     def __post_init__(self) -> None:
         _number("history.ema_momentum", self.ema_momentum, 0.0, 1.0, high_open=True)
+        if self.path is not None and (not isinstance(self.path, str) or not self.path):
+            raise ProbePruningConfigError(
+                f"probe_pruning.history.path={self.path!r} is invalid: expected a directory path"
+            )
         size = self.position_bucket_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ProbePruningConfigError(
@@ -114,6 +129,11 @@ class ProbePruningConfig:
     skip_layers: tuple[int, ...] = DEFAULT_SKIP_LAYERS
     # Kept MLP channel counts are rounded up to a multiple of this (spec 3.3).
     channel_multiple: int = 64
+    # Performance (docs/design.md, "Making pruning pay"): a PP decision made at
+    # a decode-only step stands for up to this many following decode-only
+    # steps of the same requests (bounded staleness); 0 decides at every step,
+    # as the paper does.
+    reuse_decode_steps: int = 0
 
     def __post_init__(self) -> None:
         _number("ratio", self.ratio, 0.0, 1.0, high_open=True)
@@ -138,6 +158,7 @@ class ProbePruningConfig:
             )
         object.__setattr__(self, "skip_layers", tuple(sorted(set(skip))))
         _positive_int("channel_multiple", self.channel_multiple)
+        _non_negative_int("reuse_decode_steps", self.reuse_decode_steps)
 
     @property
     def enabled(self) -> bool:

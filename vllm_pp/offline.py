@@ -61,7 +61,9 @@ def environ(**values: str) -> Iterator[None]:
                 os.environ[key] = old
 
 
+@contextlib.contextmanager
 def _engine(model: str, probe_pruning: dict, seq_len: int, batch_size: int, **kwargs):
+    """An in-process engine (steps hold exactly the queued windows), shut down on exit."""
     from vllm import LLM
 
     # vLLM reads these while it builds the engine and its workers.
@@ -75,7 +77,7 @@ def _engine(model: str, probe_pruning: dict, seq_len: int, batch_size: int, **kw
         # a core for, and vLLM would otherwise cut torch to one thread.
         settings |= {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "OMP_NUM_THREADS": str(os.cpu_count())}
     with environ(**settings):
-        return LLM(
+        llm = LLM(
             model=model,
             additional_config={"probe_pruning": probe_pruning},
             max_model_len=seq_len + 1,
@@ -83,6 +85,17 @@ def _engine(model: str, probe_pruning: dict, seq_len: int, batch_size: int, **kw
             max_num_batched_tokens=batch_size * seq_len,
             **{**ENGINE_SETTINGS, **kwargs},
         )
+    try:
+        yield llm
+    finally:
+        # Explicitly: TP workers (processes or Ray actors) must not outlive the run.
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _export_calibration(model) -> dict:
+    """Run on every worker: its recorder's statistics (a module-level function,
+    because TP workers receive it pickled)."""
+    return model.probe_pruning.method.export()
 
 
 def _prompt_nll(llm, windows: list[list[int]]) -> tuple[float, int]:
@@ -111,6 +124,7 @@ def calibrate(
     seed: int = 0,
     tensor_parallel_size: int = 1,
     dtype: str = "auto",
+    distributed_executor_backend: str | None = None,
 ) -> dict[str, Any]:
     """Run the dense model over calibration windows and save every block's statistics."""
     from vllm_pp.statistics import model_identity, save_statistics
@@ -121,21 +135,23 @@ def calibrate(
         "skip_layers": [],  # record every layer, so any skip list can use the file
         "method_options": {"max_positions": seq_len},
     }
-    started = time.monotonic()
-    llm = _engine(model, recorder, seq_len, batch_size,
-                  tensor_parallel_size=tensor_parallel_size, dtype=dtype)
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # Only the forward passes matter: the recorder sees every block's input.
-    llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
-                 SamplingParams(max_tokens=1, detokenize=False))
+    started = time.monotonic()
     tensors = {}
-    for shard in llm.apply_model(lambda m: m.probe_pruning.method.export()):
-        tensors.update(shard)
+    with _engine(model, recorder, seq_len, batch_size,
+                 tensor_parallel_size=tensor_parallel_size, dtype=dtype,
+                 distributed_executor_backend=distributed_executor_backend) as llm:
+        # Only the forward passes matter: the recorder sees every block's input.
+        llm.generate([TokensPrompt(prompt_token_ids=w) for w in windows],
+                     SamplingParams(max_tokens=1, detokenize=False))
+        for shard in llm.apply_model(_export_calibration):
+            tensors.update(shard)
+        hf_config = llm.llm_engine.model_config.hf_config
     metadata = {
         "kind": "calibration",
-        "model": model_identity(llm.llm_engine.model_config.hf_config),
+        "model": model_identity(hf_config),
         "tensor_parallel_size": tensor_parallel_size,
         "seq_len": seq_len,
         "num_samples": num_samples,
@@ -175,9 +191,9 @@ def evaluate_perplexity(run: PerplexityRun, extra_config: dict | None = None) ->
     if run.probe_ratio is not None:
         probe_pruning.setdefault("probe", {})["ratio"] = run.probe_ratio
     started = time.monotonic()
-    llm = _engine(run.model, probe_pruning, run.seq_len, run.batch_size,
-                  tensor_parallel_size=run.tensor_parallel_size, dtype=run.dtype)
-    nll, count = _prompt_nll(llm, windows)
+    with _engine(run.model, probe_pruning, run.seq_len, run.batch_size,
+                 tensor_parallel_size=run.tensor_parallel_size, dtype=run.dtype) as llm:
+        nll, count = _prompt_nll(llm, windows)
     run.perplexity, run.num_tokens = math.exp(nll / count), count
     run.seconds = time.monotonic() - started
     return run
@@ -188,9 +204,9 @@ def dense_continuations(model: str, prompts: list[list[int]], new_tokens: int, *
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    llm = _engine(model, {"ratio": 0.0}, len(prompts[0]) + new_tokens, len(prompts), **engine)
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    with _engine(model, {"ratio": 0.0}, len(prompts[0]) + new_tokens, len(prompts), **engine) as llm:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
     return [list(o.outputs[0].token_ids) for o in outputs]
 
 
@@ -215,19 +231,19 @@ def decode_quality(
 
     new_tokens = len(references[0])
     seq_len = len(prompts[0]) + new_tokens
-    llm = _engine(model, probe_pruning, seq_len, len(prompts), **engine)
     greedy = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True, detokenize=False)
-    outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
+    scored = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
+    with _engine(model, probe_pruning, seq_len, len(prompts), **engine) as llm:
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], greedy)
+        teacher = llm.generate(
+            [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, references)], scored
+        )
     matches, prefixes = 0, 0.0
     for output, reference in zip(outputs, references):
         tokens = list(output.outputs[0].token_ids)
         matches += sum(a == b for a, b in zip(tokens, reference))
         prefix = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), new_tokens)
         prefixes += prefix / new_tokens
-    scored = SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False)
-    teacher = llm.generate(
-        [TokensPrompt(prompt_token_ids=p + r) for p, r in zip(prompts, references)], scored
-    )
     nll = 0.0
     for output, prompt, reference in zip(teacher, prompts, references):
         for i, token in enumerate(reference):

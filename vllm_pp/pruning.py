@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
+from vllm.logger import init_logger
 
+from vllm_pp import profiling
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
+from vllm_pp.history_store import load_history_shard, save_history_shard, shard_path
 from vllm_pp.methods import build_method
 from vllm_pp.methods.base import PrunableBlock, ProbeFn, PruningMethod, WorkerInfo
+from vllm_pp.metrics import PruningStats, Reporter, build_snapshot, history_health
 from vllm_pp.statistics import model_identity
 from vllm_pp.step import StepTracker
 from vllm_pp.vllm_compat import check_vllm_version, step_attention_metadata
+
+# vLLM attaches its log handler to the "vllm" logger tree only.
+logger = init_logger("vllm.probe_pruning")
 
 
 class BlockPruner:
@@ -20,6 +28,7 @@ class BlockPruner:
     def __init__(self, block: PrunableBlock, pruning: "ProbePruning"):
         self.block = block
         self.pruning = pruning
+        self.stats = pruning.stats.add_block(block.layer_index, block.kind, block.num_units)
 
     def run(
         self,
@@ -35,11 +44,24 @@ class BlockPruner:
         the method's update.
         """
         batch = self.pruning.steps.batch
-        method = self.pruning.method
         # No metadata (warm-up, profiling): dense, which is also the memory worst case.
-        kept = None if batch is None else method.decide(self.block, batch, residual, probe)
-        if kept is None:
+        if batch is None:
             return dense()
+        method = self.pruning.method
+        # Host-side counters only (metrics.py): no device synchronisation.
+        stats = self.stats
+        if residual.is_cpu:  # wall time means compute time only on the CPU
+            started = time.perf_counter()
+            kept = method.decide(self.block, batch, residual, stats.counting(probe))
+            stats.decide_seconds += time.perf_counter() - started
+            stats.timed += 1
+        else:
+            kept = method.decide(self.block, batch, residual, stats.counting(probe))
+        if kept is None:
+            stats.dense += 1
+            return dense()
+        stats.pruned += 1
+        stats.kept += kept.numel()
         output, activations = pruned(kept, method.output_correction(self.block, kept))
         method.update(self.block, batch, kept, activations)
         return output
@@ -64,6 +86,17 @@ class ProbePruning:
             max_model_len=vllm_config.model_config.max_model_len,
         )
         self.steps = StepTracker()
+        parallel = vllm_config.parallel_config
+        self.stats = PruningStats(
+            labels={
+                "model_name": vllm_config.model_config.served_model_name,
+                "engine": str(getattr(parallel, "data_parallel_rank", 0) or 0),
+                "rank": str(self.worker.tp_rank),
+            },
+            method=config.method,
+        )
+        self.reporter = Reporter(self, logger)
+        self._history_health: tuple[int, dict] | None = None  # (steps, health)
         self.method: PruningMethod | None = None
         self._output_linears: dict[PrunableBlock, torch.nn.Module] = {}
         self._attention_layer_name: str | None = None
@@ -96,37 +129,71 @@ class ProbePruning:
         )
 
     def prepare(self) -> None:
-        """After weights load: hand the method the output projections' weights."""
+        """After weights load: hand the method the weights, then load the saved history."""
         self.method.prepare({b: lin.weight for b, lin in self._output_linears.items()})
+        if self.config.history.path:
+            saved = load_history_shard(self.config.history.path, self.worker, self._history_layout())
+            if saved is not None:
+                self.method.load_history(saved)
+            logger.info(
+                "Probe pruning history (rank %d): %s %s",
+                self.worker.tp_rank,
+                "loaded from" if saved is not None else "first start, will be saved to",
+                shard_path(self.config.history.path, self.worker.tp_rank),
+            )
+
+    def save_history(self) -> str | None:
+        """Write this rank's history shard (``--pp-history``); its path, or None."""
+        if not self.config.history.path:
+            return None
+        path = save_history_shard(
+            self.config.history.path,
+            self.worker,
+            self.method.history_tensors(),
+            self._history_layout(),
+        )
+        return str(path)
+
+    def _history_layout(self) -> dict:
+        layout = self.method.history_layout()
+        if layout is None:
+            raise ProbePruningConfigError(
+                f"probe_pruning.history.path={self.config.history.path!r} is set but method "
+                f"{self.config.method!r} keeps no history: drop --pp-history or use method 'probe'"
+            )
+        return layout
 
     def begin_step(self, positions: torch.Tensor) -> None:
         self.steps.begin(step_attention_metadata(self._attention_layer_name), positions)
+        if self.steps.batch is not None:
+            if self.stats.steps == 0:
+                self.reporter.start()  # with the first real step, not in warm-up
+            self.stats.begin_step(self.steps.batch.num_tokens)
+
+    def metrics_snapshot(self) -> dict:
+        """This worker's counters and history health (reads device values: not per step)."""
+        sections = profiling.snapshot(reset=False) if profiling.ENABLED else None
+        # The history only changes in steps: scan it again only after new ones.
+        if self._history_health is None or self._history_health[0] != self.stats.steps:
+            self._history_health = (self.stats.steps, history_health(self.method))
+        return build_snapshot(self.stats, self._history_health[1], sections)
 
 
 def _check_supported(config: ProbePruningConfig, vllm_config) -> None:
-    """Refuse set-ups whose weights or execution the pruned path cannot handle."""
-    from vllm.config import CompilationMode, CUDAGraphMode
+    """Refuse set-ups whose weights or execution the pruned path cannot handle.
 
-    num_layers = vllm_config.model_config.hf_config.num_hidden_layers
-    if any(i >= num_layers for i in config.skip_layers):
-        raise ProbePruningConfigError(
-            f"probe_pruning.skip_layers={list(config.skip_layers)} is invalid: the model "
-            f"has {num_layers} decoder layers (0..{num_layers - 1})"
-        )
-    if vllm_config.quant_config is not None:
-        raise ProbePruningConfigError(
-            f"probe pruning needs unquantized weights; this model is quantized "
-            f"({vllm_config.model_config.quantization}): serve it with ratio 0"
-        )
-    if vllm_config.lora_config is not None:
-        raise ProbePruningConfigError(
-            "probe pruning does not support LoRA adapters: drop --enable-lora or use ratio 0"
-        )
-    compilation = vllm_config.compilation_config
-    if compilation.mode != CompilationMode.NONE or compilation.cudagraph_mode != CUDAGraphMode.NONE:
-        raise ProbePruningConfigError(
-            "probe pruning needs eager execution: pass enforce_eager=True (--enforce-eager)"
-        )
+    The same checks already ran at start-up (vllm_pp/validation.py); they are
+    repeated here for configs built without ``EngineArgs``.
+    """
+    from vllm_pp.validation import check_supported
+
+    check_supported(config, vllm_config)
+
+
+def save_probe_pruning_history(worker) -> str | None:
+    """Run on every worker by ``collective_rpc`` when the engine shuts down."""
+    pruning = getattr(worker.get_model(), "probe_pruning", None)
+    return None if pruning is None else pruning.save_history()
 
 
 class ProbePruningModelMixin:

@@ -11,6 +11,8 @@ Families:
   4 query heads with 4 / 2 KV heads. Six layers so that with the first three layers
   exempt from pruning, three layers still prune. Saved in float32 (tests compare in fp32).
 - ``opt``: 6 layers, hidden 256, ffn 512, 4 heads, pre-LayerNorm. float32.
+- ``qwen2``: the ``llama-gqa`` shape as Qwen2 (QKV biases), an architecture the
+  plugin does not prune: tests show it is refused with pruning on and served with it off.
 - ``llama-7b-width``: LLaMA-7B layer width (hidden 4096, intermediate 11008, 32 heads,
   head_dim 128) with only 4 layers, for per-layer timing. Saved in bfloat16 (~2.4 GB,
   about half of it the untied 49,152-token embedding and head).
@@ -61,6 +63,7 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
         },
         "float32",
     ),
+    "qwen2": ("qwen2", {**_TINY_LLAMA, "num_key_value_heads": 2}, "float32"),
     "llama-7b-width": (
         "llama",
         {
@@ -78,10 +81,10 @@ FAMILIES: dict[str, tuple[str, dict[str, Any], str]] = {
 
 def random_model_config(family: str, **overrides: Any):
     """The transformers config of ``family``, with ``overrides`` applied on top."""
-    from transformers import LlamaConfig, OPTConfig
+    from transformers import LlamaConfig, OPTConfig, Qwen2Config
 
     model_type, values, _ = _family(family)
-    config_class = {"llama": LlamaConfig, "opt": OPTConfig}[model_type]
+    config_class = {"llama": LlamaConfig, "opt": OPTConfig, "qwen2": Qwen2Config}[model_type]
     return config_class(**{**_COMMON, **values, **overrides})
 
 

@@ -48,6 +48,10 @@ def save_statistics(path: str | Path, tensors: Mapping[str, torch.Tensor], metad
     """Write atomically: readers see the old file or the complete new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # A writer killed mid-write (SIGKILL, power loss) leaves its temporary file;
+    # each statistics file has one writer, so an old one is garbage.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
     header = {_METADATA_KEY: json.dumps({"format_version": FORMAT_VERSION, **metadata})}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -1,7 +1,7 @@
 """The thin, version-guarded glue between vllm-pp and vLLM internals.
 
 Everything here touches a vLLM detail that is not a public contract (checked by
-``tests/test_vllm_compat.py``); model code calls these helpers instead of
+the tests of the code that calls it); model code calls these helpers instead of
 reaching into vLLM directly.
 """
 

@@ -66,39 +66,70 @@ def probe_only_statistic(probe_sq: Tensor, clamp_max: float = FP16_MAX) -> Tenso
     return _finite_nonneg(probe_sq, clamp_max).sum(dim=0)
 
 
+class StepRows(NamedTuple):
+    """The history rows one step touches, found once per step for all blocks.
+
+    ``torch.unique`` is the one place the EMA update needs a variable-sized
+    result (a device synchronisation on accelerators); computing it once per
+    step instead of once per block and step keeps the per-block update free
+    of host round trips.
+    """
+
+    rows: Tensor  # [R] LongTensor, the distinct buckets of the step, ascending
+    inverse: Tensor  # [T] LongTensor, index into ``rows`` of each token
+    counts: Tensor  # [R, 1] float32, tokens per row
+
+
+def step_rows(buckets: Tensor) -> StepRows:
+    """The distinct rows of ``buckets`` ([T] LongTensor) with each token's row and the counts."""
+    rows, inverse, counts = torch.unique(buckets, return_inverse=True, return_counts=True)
+    return StepRows(rows, inverse, counts.unsqueeze(1).to(torch.float32))
+
+
 def ema_update_(
-    history: Tensor, buckets: Tensor, sq_activations: Tensor, kept: Tensor, momentum: float
-) -> int:
+    history: Tensor,
+    buckets: Tensor | StepRows,
+    sq_activations: Tensor,
+    kept: Tensor,
+    momentum: float,
+) -> Tensor:
     """EMA update of the history from one step's full inference (spec 2.4), in place.
 
-    history: ``[B, C]``; buckets: LongTensor ``[T]``; sq_activations: ``[T, K]``
-    squared inputs of the kept channels; kept: LongTensor ``[K]`` (unique).
-    For every bucket b present in ``buckets``:
+    history: ``[B, C]``; buckets: LongTensor ``[T]``, or the step's
+    :class:`StepRows` when the caller updates several blocks per step;
+    sq_activations: ``[T, K]`` squared inputs of the kept channels; kept:
+    LongTensor ``[K]`` (unique, any order, aligned with ``sq_activations``).
+    For every bucket b present in the step:
     ``history[b, kept] = m * history[b, kept] + (1 - m) * mean_{t in b} sq[t]``.
     Pruned channels are neither decayed nor refreshed. A row whose new value is
     not finite (in ``history``'s dtype) is left unchanged so NaN/inf never enter
-    the history. Returns the number of rows skipped (0 normally).
+    the history.
 
-    Synchronises with the device (``unique`` and the returned count).
+    Returns the number of rows skipped (0 normally) as a 0-d int64 tensor on
+    ``history``'s device: nothing here waits for the device, so a caller that
+    accumulates the count reads it only when it reports it.
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    if sq_activations.shape != (buckets.numel(), kept.numel()):
+    rows = buckets if isinstance(buckets, StepRows) else step_rows(buckets)
+    if sq_activations.shape != (rows.inverse.numel(), kept.numel()):
         raise ValueError(
             f"sq_activations {tuple(sq_activations.shape)} != "
-            f"(T={buckets.numel()}, K={kept.numel()})"
+            f"(T={rows.inverse.numel()}, K={kept.numel()})"
         )
     # Work on the present rows only: with per-position history B can be 1024
     # while a decode-heavy step touches a handful of buckets.
-    rows, inverse = torch.unique(buckets, return_inverse=True)
-    sums = torch.zeros(rows.numel(), kept.numel(), dtype=torch.float32, device=history.device)
-    sums.index_add_(0, inverse, sq_activations.float())
-    counts = torch.bincount(inverse, minlength=rows.numel()).unsqueeze(1)
-    index = (rows.unsqueeze(1), kept.unsqueeze(0))
-    new = (momentum * history[index].float() + (1.0 - momentum) * sums / counts).to(history.dtype)
-    finite = torch.isfinite(new).all(dim=1)
-    history[rows[finite].unsqueeze(1), kept.unsqueeze(0)] = new[finite]
-    return int((~finite).sum().item())
+    sums = torch.zeros(rows.rows.numel(), kept.numel(), dtype=torch.float32, device=history.device)
+    sums.index_add_(0, rows.inverse, sq_activations.float())
+    present = history.index_select(0, rows.rows)  # [R, C]
+    old = present.index_select(1, kept).float()  # [R, K]
+    new = torch.lerp(old, sums / rows.counts, 1.0 - momentum).to(history.dtype)
+    # A non-finite row keeps its old values (written back unchanged), which
+    # avoids a data-dependent selection of the finite rows.
+    finite = torch.isfinite(new).all(dim=1, keepdim=True)  # [R, 1]
+    present.index_copy_(1, kept, torch.where(finite, new, old.to(history.dtype)))
+    history.index_copy_(0, rows.rows, present)
+    return (~finite).sum()
 
 
 class MergedMoments(NamedTuple):

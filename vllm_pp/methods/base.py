@@ -16,6 +16,11 @@ Lifecycle of a method object (one per model instance, i.e. per worker):
 ``output_correction(block, kept)`` may add a per-block term to the output
 projection's partial sum (FLAP's bias compensation).
 
+A method that learns while serving (PP's history) persists it with
+``--pp-history``: ``history_layout()`` (None: nothing to persist),
+``load_history(tensors)`` right after ``prepare`` and ``history_tensors()`` at
+clean shutdown (see vllm_pp/history_store.py).
+
 The model code calls these four and never branches on the method.
 """
 
@@ -103,3 +108,14 @@ class PruningMethod:
     def output_correction(self, block: PrunableBlock, kept: torch.Tensor) -> torch.Tensor | None:
         """A [hidden] term added to this rank's partial output of the block, or None."""
         return None
+
+    def history_layout(self) -> dict | None:
+        """What a saved history must match to be loaded; None when there is no history."""
+        return None
+
+    def history_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's history under its file names."""
+        return {}
+
+    def load_history(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace the history with a saved one (names without the rank part)."""

@@ -14,20 +14,28 @@ docs/design.md):
    per-layer ratio and the kept MLP count rounded to ``channel_multiple``;
 5. after the block ran on the kept weights, update the kept channels' history
    by EMA from the full step.
+
+With ``reuse_decode_steps`` N > 0, steps 1-4 are skipped at up to N decode-only
+steps that follow a decision and hold the same requests: the block keeps the
+decision it made (bounded staleness, docs/design.md). The EMA update runs at
+every step either way.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 
 from vllm_pp.algorithm.history import (
+    StepRows,
     ema_update_,
     fuse_probe_with_history,
     position_buckets,
     probe_only_statistic,
+    step_rows,
 )
 from vllm_pp.algorithm.probe import num_probe_tokens, select_probe_tokens, token_importance
 from vllm_pp.algorithm.scores import attention_head_scores, channel_weight_norm, mlp_channel_scores
@@ -38,8 +46,11 @@ from vllm_pp.algorithm.selection import (
     num_kept_heads,
     top_k_indices,
 )
+from vllm_pp.config import ProbePruningConfigError
 from vllm_pp.methods.base import PrunableBlock, PruningMethod, WorkerInfo
 from vllm_pp.methods.calibration import load_calibration
+from vllm_pp.profiling import timed
+from vllm_pp.statistics import tensor_name
 from vllm_pp.step import StepBatch
 
 
@@ -48,6 +59,17 @@ def kept_unit_count(block: PrunableBlock, ratio: float, channel_multiple: int) -
     if block.kind == "attention":
         return num_kept_heads(block.num_units, ratio)
     return num_kept_channels(block.num_units, ratio, channel_multiple)
+
+
+@dataclass(frozen=True)
+class _StepState:
+    """What every block of one step shares: history rows and whether to decide."""
+
+    index: int  # StepBatch.index
+    buckets: torch.Tensor  # [T] history row of each token
+    rows: StepRows  # the distinct rows, for the EMA update
+    reuse: bool  # keep the decisions of the step before
+    decided_at: int  # index of the step whose decisions stand
 
 
 class ProbePruningMethod(PruningMethod):
@@ -66,7 +88,16 @@ class ProbePruningMethod(PruningMethod):
             b: torch.zeros(self.num_buckets, b.width, dtype=torch.float32) for b in blocks
         }
         self.weight_norms: dict[PrunableBlock, torch.Tensor] = {}
-        self.skipped_history_rows = 0
+        # Accumulated on the history's device; read only by skipped_history_rows.
+        self._skipped_rows = torch.zeros((), dtype=torch.int64)
+        self._step: _StepState | None = None
+        self._last_kept: dict[PrunableBlock, torch.Tensor] = {}
+        self._decision_requests = 0  # requests of the step whose decisions stand
+
+    @property
+    def skipped_history_rows(self) -> int:
+        """History rows left unchanged because their update was not finite."""
+        return int(self._skipped_rows.item())
 
     def prepare(self, output_weights: Mapping[PrunableBlock, torch.Tensor]) -> None:
         self.weight_norms = {b: channel_weight_norm(w) for b, w in output_weights.items()}
@@ -77,34 +108,104 @@ class ProbePruningMethod(PruningMethod):
                 self.history[block].copy_(rows)
 
     def decide(self, block, batch: StepBatch, residual, probe):
-        importance = token_importance(residual[: batch.num_tokens])
-        count = num_probe_tokens(batch.num_tokens, self.config.probe.ratio, self.config.probe.min_tokens)
-        rows = select_probe_tokens(importance, count)
-        probe_sq = probe(rows).float().square()
-        history_rows = self.history[block][self._buckets(batch.positions[rows])]
-        return self._keep(block, fuse_probe_with_history(probe_sq, history_rows))
+        step = self._step_state(batch)
+        if step.reuse:
+            return self._last_kept[block]
+        probe_sq, rows = self._probe(batch, residual, probe)
+        fused = self._fuse(block, probe_sq, step.buckets.index_select(0, rows))
+        kept = self._keep(block, fused)
+        self._last_kept[block] = kept
+        return kept
 
+    @timed("history update")
     def update(self, block, batch: StepBatch, kept, activations) -> None:
-        channels = kept_heads_to_channels(kept, block.head_dim)
-        self.skipped_history_rows += ema_update_(
+        step = self._step_state(batch)
+        channels = kept if block.head_dim == 1 else kept_heads_to_channels(kept, block.head_dim)
+        self._skipped_rows += ema_update_(
             self.history[block],
-            self._buckets(batch.positions),
+            step.rows,
             activations[: batch.num_tokens].float().square(),
             channels,
             self.config.history.ema_momentum,
         )
+
+    def _step_state(self, batch: StepBatch) -> _StepState:
+        """The state shared by this step's blocks, built by the first block that asks."""
+        if self._step is None or self._step.index != batch.index:
+            self._step = self._new_step_state(batch, self._step)
+        return self._step
+
+    def _new_step_state(self, batch: StepBatch, previous: _StepState | None) -> _StepState:
+        buckets = self._buckets(batch.positions[: batch.num_tokens])
+        # Consecutive decode-only steps with as many requests hold the same
+        # requests: a new request prefills first, a finished one lowers the count.
+        # The rule reads only the batch structure, so every TP rank agrees.
+        reuse = (
+            previous is not None
+            and previous.index == batch.index - 1
+            and batch.is_decode_only
+            and batch.num_requests == self._decision_requests
+            and batch.index - previous.decided_at <= self.config.reuse_decode_steps
+        )
+        if not reuse:
+            self._decision_requests = batch.num_requests
+        decided_at = previous.decided_at if reuse else batch.index
+        return _StepState(batch.index, buckets, step_rows(buckets), reuse, decided_at)
+
+    @timed("probe")
+    def _probe(self, batch: StepBatch, residual, probe) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared probe activations [P, width] and the probe's rows [P] in the step."""
+        importance = token_importance(residual[: batch.num_tokens])
+        count = num_probe_tokens(batch.num_tokens, self.config.probe.ratio, self.config.probe.min_tokens)
+        rows = select_probe_tokens(importance, count)
+        return probe(rows).float().square(), rows
+
+    @timed("scoring")
+    def _fuse(self, block: PrunableBlock, probe_sq: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
+        """The fused statistic [width] of the probe ([P, width]) and its tokens' history rows."""
+        return fuse_probe_with_history(probe_sq, self.history[block].index_select(0, buckets))
 
     def _buckets(self, positions: torch.Tensor) -> torch.Tensor:
         return position_buckets(positions.long(), self.bucket_size, self.num_buckets)
 
     def _keep(self, block: PrunableBlock, fused: torch.Tensor) -> torch.Tensor:
         """Top units by PPsp; ``fused``: [width] fused squared-activation statistic."""
+        return self._select(block, self._scores(block, fused))
+
+    @timed("scoring")
+    def _scores(self, block: PrunableBlock, fused: torch.Tensor) -> torch.Tensor:
+        """PPsp score of every head / channel: [num_units]."""
         weight_norm = self.weight_norms[block]
         if block.kind == "attention":
-            scores = attention_head_scores(fused, weight_norm, block.num_units)
-        else:
-            scores = mlp_channel_scores(fused, weight_norm)
+            return attention_head_scores(fused, weight_norm, block.num_units)
+        return mlp_channel_scores(fused, weight_norm)
+
+    @timed("selection")
+    def _select(self, block: PrunableBlock, scores: torch.Tensor) -> torch.Tensor:
         return top_k_indices(scores, self.kept_counts[block])
+
+    def history_layout(self) -> dict:
+        return {"position_bucket_size": self.bucket_size, "num_buckets": self.num_buckets}
+
+    def history_tensors(self) -> dict[str, torch.Tensor]:
+        rank = self.worker.tp_rank
+        return {
+            tensor_name(b.layer_index, b.kind, rank, "history"): rows
+            for b, rows in self.history.items()
+        }
+
+    def load_history(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        for block, rows in self.history.items():
+            name = f"layers.{block.layer_index}.{block.kind}.history"
+            saved = tensors.get(name)
+            if saved is None or saved.shape != rows.shape or not torch.isfinite(saved).all():
+                found = "missing" if saved is None else f"shape {tuple(saved.shape)}"
+                raise ProbePruningConfigError(
+                    f"saved history {name} is invalid ({found}, or not finite): "
+                    f"expected finite values of shape {tuple(rows.shape)}"
+                )
+        for block, rows in self.history.items():
+            rows.copy_(tensors[f"layers.{block.layer_index}.{block.kind}.history"])
 
 
 class FullBatchProbing(ProbePruningMethod):
@@ -116,3 +217,6 @@ class FullBatchProbing(ProbePruningMethod):
 
     def update(self, block, batch, kept, activations) -> None:
         pass
+
+    def history_layout(self) -> None:
+        return None

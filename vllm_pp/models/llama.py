@@ -16,8 +16,22 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from vllm_pp import execution
 from vllm_pp.methods.base import PrunableBlock
+from vllm_pp.profiling import timed
 from vllm_pp.pruning import ProbePruning, ProbePruningModelMixin
 from vllm_pp.vllm_compat import keep_dense_weight
+
+
+@timed("q/k/v projection")
+def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    qkv, _ = attn.qkv_proj(x)
+    return qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
+
+
+@timed("attention")
+def _attend(attn, positions: torch.Tensor, q, k, v) -> torch.Tensor:
+    """Rotary, KV-cache write and attention of every head: [T, local_heads * head_dim]."""
+    q, k = attn.rotary_emb(positions, q, k)
+    return attn.attn(q, k, v)
 
 
 class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
@@ -39,6 +53,14 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
             mlp.down_proj,
             attn.attn.layer_name,
         )
+        self.packed_o_proj: execution.PackedUnits | None = None
+        self.packed_mlp: execution.PackedUnits | None = None
+
+    def prepare_pruned_execution(self) -> None:
+        """After weights load: the packed kept-unit weights of both blocks."""
+        attn, mlp = self.self_attn, self.mlp
+        self.packed_o_proj = execution.pack_attention_output(attn.o_proj, attn.head_dim)
+        self.packed_mlp = execution.pack_gated_mlp(mlp.gate_up_proj, mlp.down_proj)
 
     def forward(
         self,
@@ -62,19 +84,17 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor
     ) -> torch.Tensor:
         attn = self.self_attn
-        qkv, _ = attn.qkv_proj(x)
-        q, k, v = qkv.split([attn.q_size, attn.kv_size, attn.kv_size], dim=-1)
-        q, k = attn.rotary_emb(positions, q, k)
+        q, k, v = _qkv(attn, x)
         # Every head attends and writes its K/V for every token, whatever is
         # pruned below: a head kept at a later step must find its cache whole.
-        heads_out = attn.attn(q, k, v)  # [T, local_heads * head_dim]
+        heads_out = _attend(attn, positions, q, k, v)  # [T, local_heads * head_dim]
         return self.attention_pruner.run(
             residual,
             # The probe of the attention block is the exact output of its tokens.
-            probe=lambda rows: heads_out[rows],
+            probe=lambda rows: heads_out.index_select(0, rows),
             dense=lambda: attn.o_proj(heads_out)[0],
             pruned=lambda kept, correction: execution.attention_output(
-                attn.o_proj, heads_out, kept, attn.head_dim, correction
+                self.packed_o_proj, attn.o_proj, heads_out, kept, correction
             ),
         )
 
@@ -82,14 +102,15 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
         mlp = self.mlp
 
         def probe(rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, I_local]
-            return mlp.act_fn(mlp.gate_up_proj(x[rows])[0])
+            gate_up = mlp.gate_up_proj
+            return mlp.act_fn(execution.linear(x.index_select(0, rows), gate_up.weight, gate_up.bias))
 
         return self.mlp_pruner.run(
             residual,
             probe,
             dense=lambda: mlp(x),
             pruned=lambda kept, correction: execution.gated_mlp(
-                mlp.gate_up_proj, mlp.act_fn, mlp.down_proj, x, kept, correction
+                self.packed_mlp, mlp.act_fn, mlp.down_proj, x, kept, correction
             ),
         )
 
@@ -113,3 +134,9 @@ class ProbePruningLlamaForCausalLM(ProbePruningModelMixin, LlamaForCausalLM):
             super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=make_layer)
             pruning.build()
         self.probe_pruning = pruning
+
+    def process_weights_after_loading(self) -> None:
+        super().process_weights_after_loading()
+        for layer in self.model.layers:
+            if isinstance(layer, ProbePruningLlamaDecoderLayer):
+                layer.prepare_pruned_execution()

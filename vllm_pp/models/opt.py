@@ -15,8 +15,21 @@ from vllm.model_executor.models.opt import OPTDecoderLayer, OPTForCausalLM
 
 from vllm_pp import execution
 from vllm_pp.methods.base import PrunableBlock
+from vllm_pp.profiling import timed
 from vllm_pp.pruning import ProbePruning, ProbePruningModelMixin
 from vllm_pp.vllm_compat import keep_dense_weight
+
+
+@timed("q/k/v projection")
+def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    qkv, _ = attn.qkv_proj(x)
+    return qkv.chunk(chunks=3, dim=-1)
+
+
+@timed("attention")
+def _attend(attn, q, k, v) -> torch.Tensor:
+    """KV-cache write and attention of every head: [T, local_heads * head_dim]."""
+    return attn.attn(q, k, v)
 
 
 class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
@@ -36,6 +49,14 @@ class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
             self.fc2,
             attn.attn.layer_name,
         )
+        self.packed_out_proj: execution.PackedUnits | None = None
+        self.packed_mlp: execution.PackedUnits | None = None
+
+    def prepare_pruned_execution(self) -> None:
+        """After weights load: the packed kept-unit weights of both blocks."""
+        attn = self.self_attn
+        self.packed_out_proj = execution.pack_attention_output(attn.out_proj, attn.head_dim)
+        self.packed_mlp = execution.pack_plain_mlp(self.fc1, self.fc2)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = hidden_states
@@ -53,29 +74,28 @@ class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
 
     def _attention_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         attn = self.self_attn
-        qkv, _ = attn.qkv_proj(x)
-        q, k, v = qkv.chunk(chunks=3, dim=-1)
+        q, k, v = _qkv(attn, x)
         # Every head attends and writes its K/V for every token (see llama.py).
-        heads_out = attn.attn(q, k, v)  # [T, local_heads * head_dim]
+        heads_out = _attend(attn, q, k, v)  # [T, local_heads * head_dim]
         return self.attention_pruner.run(
             residual,
-            probe=lambda rows: heads_out[rows],
+            probe=lambda rows: heads_out.index_select(0, rows),
             dense=lambda: attn.out_proj(heads_out)[0],
             pruned=lambda kept, correction: execution.attention_output(
-                attn.out_proj, heads_out, kept, attn.head_dim, correction
+                self.packed_out_proj, attn.out_proj, heads_out, kept, correction
             ),
         )
 
     def _mlp_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         def probe(rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, ffn_local]
-            return self.activation_fn(self.fc1(x[rows])[0])
+            return self.activation_fn(execution.linear(x.index_select(0, rows), self.fc1.weight, self.fc1.bias))
 
         return self.mlp_pruner.run(
             residual,
             probe,
             dense=lambda: self.fc2(self.activation_fn(self.fc1(x)[0]))[0],
             pruned=lambda kept, correction: execution.plain_mlp(
-                self.fc1, self.activation_fn, self.fc2, x, kept, correction
+                self.packed_mlp, self.activation_fn, self.fc2, x, kept, correction
             ),
         )
 
@@ -95,3 +115,9 @@ class ProbePruningOPTForCausalLM(ProbePruningModelMixin, OPTForCausalLM):
                     layer.attach(pruning, index)
             pruning.build()
         self.probe_pruning = pruning
+
+    def process_weights_after_loading(self) -> None:
+        super().process_weights_after_loading()
+        for layer in self.model.decoder.layers:
+            if isinstance(layer, ProbePruningOPTDecoderLayer):
+                layer.prepare_pruned_execution()

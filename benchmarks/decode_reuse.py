@@ -1,0 +1,121 @@
+"""Quality cost of reusing PP decisions across decode steps (``reuse_decode_steps``).
+
+Perplexity of the dense model's greedy continuations, teacher-forced through
+*decode steps*: a logits processor forces each next token to the dense one,
+while vLLM returns the model's own log-probability of it (its raw logprobs,
+computed before logits processors). Unlike ``prompt_logprobs`` (a prefill),
+every scored token here comes from a decode step, which is where decisions
+are reused.
+
+Prompts: 32 windows of 64 tokens of the evaluation text after the 128
+perplexity windows (as ``benchmarks/quality.py --decode``), 64 forced tokens
+each, all 32 requests decoding together.
+
+    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines]
+
+Writes benchmarks/results/decode_reuse_<model>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PROMPTS, PROMPT_LEN, NEW_TOKENS = 32, 64, 64
+
+
+class ForceTokens(AdapterLogitsProcessor):
+    """Forces request tokens to ``SamplingParams.extra_args["force_tokens"]``."""
+
+    def is_argmax_invariant(self) -> bool:
+        return False
+
+    def new_req_logits_processor(self, params):
+        tokens = (params.extra_args or {}).get("force_tokens")
+        if tokens is None:
+            return None
+
+        def force(output_ids: list[int], logits: torch.Tensor) -> torch.Tensor:
+            forced = torch.full_like(logits, float("-inf"))
+            forced[tokens[len(output_ids)]] = 0.0
+            return forced
+
+        return force
+
+
+def decode_perplexity(model: str, probe_pruning: dict, prompts, references) -> float:
+    """Perplexity of ``references`` given ``prompts``, scored one decode step at a time."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from vllm_pp.offline import environ
+
+    with environ(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"):
+        llm = LLM(
+            model=model, dtype="float32", enforce_eager=True, enable_prefix_caching=False,
+            max_model_len=PROMPT_LEN + NEW_TOKENS, max_num_seqs=len(prompts), seed=0,
+            logits_processors=[ForceTokens], additional_config={"probe_pruning": probe_pruning},
+        )
+    try:
+        params = [
+            SamplingParams(max_tokens=len(r), temperature=0, ignore_eos=True, detokenize=False,
+                           logprobs=0, extra_args={"force_tokens": r})
+            for r in references
+        ]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    nll, count = 0.0, 0
+    for output, reference in zip(outputs, references):
+        completion = output.outputs[0]
+        assert list(completion.token_ids) == reference, "the forced tokens were not generated"
+        for token, logprobs in zip(reference, completion.logprobs):
+            nll -= logprobs[token].logprob
+            count += 1
+    return math.exp(nll / count)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reuse", type=int, nargs="*", default=[0, 3, 7, 15])
+    parser.add_argument("--baselines", action="store_true", help="also dense, FLAP and Wanda-sp")
+    args = parser.parse_args(argv)
+
+    from vllm_pp.default_model import prepare_default_model
+    from vllm_pp.offline import contiguous_windows, dense_continuations, environ, tokenize_text
+    from vllm_pp.text_data import prepare_text
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from throughput import prepare_model
+
+    model, calibration = prepare_model("smollm2")
+    tokens = tokenize_text(str(model), prepare_text(quiet=True).evaluation)
+    prompts = contiguous_windows(tokens[128 * 512:], PROMPT_LEN, PROMPTS)
+    with environ(VLLM_CPU_KVCACHE_SPACE="1"):  # vLLM's default claims 92% of the host's memory
+        references = dense_continuations(str(model), prompts, NEW_TOKENS, dtype="float32")
+    settings = {f"pp-0.4-reuse-{n}": {"method": "probe", "reuse_decode_steps": n} for n in args.reuse}
+    if args.baselines:
+        settings = {"dense": {"method": "dense"}, **settings,
+                    "flap-0.4": {"method": "flap"}, "wanda-sp-0.4": {"method": "wanda-sp"}}
+    out = RESULTS / f"decode_reuse_{Path(model).name}.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for label, setting in settings.items():
+        probe_pruning = {"ratio": 0.4, "calibration": str(calibration), **setting}
+        results[label] = {"settings": probe_pruning,
+                          "decode_perplexity": decode_perplexity(str(model), probe_pruning, prompts, references)}
+        print(f"[decode_reuse] {label}: {results[label]['decode_perplexity']:.3f}", file=sys.stderr, flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""Tensor parallelism through vLLM's Ray executor on CPU (vllm_pp/ray_on_cpu.py).
+
+One Ray head on loopback serves every test here (RAY_ADDRESS); engines run
+their engine core in this process so that each step holds the same requests
+under both executors.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from engines import vllm_engine
+from servers import free_port, vllm_server
+from vllm_pp.offline import calibrate, environ
+
+RAY = str(Path(sys.executable).parent / "ray")
+PROMPTS = [[1, 5, 9, 200, 31, 7, 1000, 44] * k for k in (1, 3, 6)] + [[2, 3]]
+MAX_TOKENS = 12
+
+
+def _ray_processes(pattern: str) -> list[str]:
+    found = subprocess.run(["pgrep", "-af", pattern], capture_output=True, text=True).stdout
+    return [line for line in found.splitlines() if "pgrep" not in line]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    port = free_port()
+    # A private loopback cluster: Ray's token authentication is not needed.
+    with environ(RAY_AUTH_MODE="disabled"):
+        subprocess.run(
+            [RAY, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--num-cpus", "2", "--include-dashboard", "false", "--disable-usage-stats"],
+            check=True, capture_output=True,
+        )
+    try:
+        with environ(RAY_ADDRESS=f"127.0.0.1:{port}", RAY_AUTH_MODE="disabled"):
+            yield f"127.0.0.1:{port}"
+    finally:
+        import ray
+
+        ray.shutdown()  # this process's connection, made by the in-process engine cores
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    deadline = time.monotonic() + 30
+    while (left := _ray_processes("raylet|gcs_server|ray::")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"Ray processes left behind: {left}"
+
+
+@pytest.fixture(scope="module")
+def calibrations(random_models, ray_head, tmp_path_factory):
+    """One TP=2 calibration file per family, written through Ray."""
+    from vllm_pp.text_data import prepare_text
+
+    text = prepare_text(quiet=True).calibration
+    out = tmp_path_factory.mktemp("calibration")
+    files = {}
+    for family in ("llama-gqa", "opt"):
+        files[family] = out / f"{family}-tp2.safetensors"
+        calibrate(str(random_models[family]), files[family], text=text, num_samples=8, seq_len=64,
+                  batch_size=4, dtype="float32", tensor_parallel_size=2,
+                  distributed_executor_backend="ray")
+    return files
+
+
+def _greedy_and_history(model: Path, backend: str, probe_pruning: dict):
+    """Greedy tokens of PROMPTS, and each rank's history after serving them."""
+    from vllm import SamplingParams
+
+    with vllm_engine(model, in_process=True, tensor_parallel_size=2,
+                     distributed_executor_backend=backend,
+                     additional_config={"probe_pruning": probe_pruning}) as llm:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                               SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0))
+        histories = llm.apply_model(_history_tensors)
+    return [list(o.outputs[0].token_ids) for o in outputs], histories
+
+
+def _history_tensors(model):
+    # Module level: TP workers receive it pickled by reference (tests/ is on their path).
+    return None if model.probe_pruning is None else model.probe_pruning.method.history_tensors()
+
+
+# Ratio 0 runs vLLM's own model code, so one family shows the executors agree
+# there; every engine start costs ~30 s of the suite's budget.
+@pytest.mark.parametrize("family, ratios", [("llama-gqa", (0.0, 0.4)), ("opt", (0.4,))])
+def test_ray_and_mp_give_identical_greedy_outputs(family, ratios, random_models, calibrations):
+    model = random_models[family]
+    runs = {}
+    for ratio in ratios:
+        config = {"ratio": ratio}
+        if ratio:
+            config["calibration"] = str(calibrations[family])
+        for backend in ("ray", "mp"):
+            runs[backend, ratio] = _greedy_and_history(model, backend, config)
+        assert runs["ray", ratio][0] == runs["mp", ratio][0], ratio
+
+    tokens, history_ray = runs["ray", 0.4]
+    _, history_mp = runs["mp", 0.4]
+    if ("ray", 0.0) in runs:
+        assert tokens != runs["ray", 0.0][0]  # pruning really changed the outputs
+    # Each rank kept its own shard (loaded from the TP=2 file, then updated by
+    # the same steps): equal across executors, different across ranks.
+    assert [sorted(h) for h in history_ray] == [sorted(h) for h in history_mp]
+    for ray_shard, mp_shard in zip(history_ray, history_mp):
+        assert all(torch.equal(ray_shard[name], mp_shard[name]) for name in ray_shard)
+    rank0, rank1 = (list(h.values()) for h in history_ray)
+    assert rank0 and not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
+
+
+def test_ray_server_answers_saves_history_and_leaves_no_actors(
+    random_models, calibrations, tmp_path
+):
+    from openai import OpenAI
+    from safetensors import safe_open
+    from vllm_pp.statistics import read_metadata
+
+    history = tmp_path / "history"
+    args = [str(random_models["llama-gqa"]), "--tensor-parallel-size", "2",
+            "--distributed-executor-backend", "ray", "--pp-ratio", "0.4",
+            "--pp-calibration", str(calibrations["llama-gqa"]), "--pp-history", str(history),
+            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8"]
+    with vllm_server(args, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as url:
+        client = OpenAI(base_url=url + "/v1", api_key="unused")
+        model = client.models.list().data[0].id
+        completion = client.completions.create(model=model, prompt="Hello there", max_tokens=8)
+        assert completion.choices[0].text and completion.usage.completion_tokens == 8
+        stream = client.completions.create(model=model, prompt="Once", max_tokens=4, stream=True)
+        assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].text) >= 1
+        assert _ray_processes("ray::CpuRayWorkerProc")
+
+    deadline = time.monotonic() + 30
+    while (actors := _ray_processes("ray::CpuRayWorkerProc")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not actors, f"Ray actors left after the server exited: {actors}"
+    for rank in (0, 1):  # saved by each Ray worker at shutdown
+        shard = history / f"rank{rank}.safetensors"
+        metadata = read_metadata(shard)
+        assert metadata["kind"] == "history" and metadata["tensor_parallel_rank"] == rank
+        assert metadata["tensor_parallel_size"] == 2
+        with safe_open(str(shard), framework="pt") as f:
+            names = list(f.keys())
+            tensors = [f.get_tensor(name) for name in names]
+        assert names and all(f".rank{rank}." in name for name in names)
+        assert tensors and all(torch.isfinite(t).all() and t.abs().sum() > 0 for t in tensors)
+
+
+def test_ray_worker_refuses_history_of_another_tp_size(random_models, ray_head, tmp_path):
+    from vllm_pp.history_store import save_history_shard
+    from vllm_pp.methods.base import WorkerInfo
+    from vllm_pp.statistics import model_identity
+    from transformers import AutoConfig
+
+    model = random_models["llama-gqa"]
+    identity = model_identity(AutoConfig.from_pretrained(model))
+    tp1 = WorkerInfo(num_layers=6, tp_rank=0, tp_size=1, model_identity=identity)
+    save_history_shard(tmp_path, tp1, {"layers.3.mlp.rank0.history": torch.ones(8, 512)},
+                       {"position_bucket_size": 64, "num_buckets": 8})
+    with pytest.raises(Exception) as failure:
+        with vllm_engine(model, in_process=True, tensor_parallel_size=2,
+                         distributed_executor_backend="ray",
+                         additional_config={"probe_pruning": {
+                             "ratio": 0.4, "history": {"path": str(tmp_path)}}}):
+            pass
+    # The worker's one-line error travels inside Ray's and vLLM's start-up errors.
+    assert "was written with tensor_parallel_size=1, this server runs 2" in _all_messages(failure.value)
+
+
+def _all_messages(error: BaseException) -> str:
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
