@@ -19,6 +19,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
+# The paper's probe and history: 1 sample x 50% of its tokens, attention among
+# the probe tokens only, one history row per position.
+PAPER = {"probe": {"selection": "requests", "attention": "probe-only"}, "history": {"position_bucket_size": 1}}
+
 # (label, method, ratio, extra probe_pruning settings)
 RUNS = [
     ("dense", "dense", 0.0, {}),
@@ -31,6 +35,19 @@ ABLATIONS = [
     ("probe:0.4:probe-ratio-0.0625", "probe", 0.4, {"probe": {"ratio": 0.0625}}),
     ("probe:0.4:history-per-position+probe-ratio-0.0625", "probe", 0.4,
      {"history": {"position_bucket_size": 1}, "probe": {"ratio": 0.0625}}),
+    # The paper's probe shape: 1 of the step's 8 requests x 50% of its tokens.
+    ("probe:0.2:probe-requests", "probe", 0.2, {"probe": {"selection": "requests"}}),
+    ("probe:0.4:probe-requests", "probe", 0.4, {"probe": {"selection": "requests"}}),
+    ("probe:0.4:history-per-position+probe-requests", "probe", 0.4,
+     {"history": {"position_bucket_size": 1}, "probe": {"selection": "requests"}}),
+    # No history (the probe alone decides) and no probe (the history alone decides).
+    ("probe:0.4:no-history", "probe", 0.4, {"history": {"fusion": "probe-only"}}),
+    ("probe:0.4:no-probe", "probe", 0.4, {"history": {"fusion": "history-only"}}),
+    # The paper's attention probe (among the probe tokens only) instead of exact rows.
+    ("probe:0.4:attention-probe-only", "probe", 0.4, {"probe": {"attention": "probe-only"}}),
+    # Every choice as the paper makes it: the closest to the faithful reference.
+    ("probe:0.4:paper", "probe", 0.4, PAPER),
+    ("probe:0.2:paper", "probe", 0.2, PAPER),
 ]
 
 
@@ -166,7 +183,8 @@ def markdown_table(results: dict) -> str:
         rows.append(f"| {method} | {cells[0]} | {cells[1]} | {ref2} | {ref4} |")
     ablations = [k for k in results if k.count(":") == 2]
     if ablations:
-        rows += ["", "| PP variant (default: 64-position history buckets, 2.5% probe) | ratio | perplexity |",
+        rows += ["", "| PP variant (default: 2.5% token probe, exact attention probe, 64-position history buckets, "
+                 "importance-scaled fusion) | ratio | perplexity |",
                  "|---|---|---|"]
         rows += [f"| {k.split(':', 2)[2]} | {results[k]['ratio']} | {results[k]['perplexity']:.2f} |"
                  for k in sorted(ablations)]

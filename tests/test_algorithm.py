@@ -10,9 +10,15 @@ from vllm_pp.algorithm.history import (
     ema_update_,
     fuse_probe_with_history,
     position_buckets,
-    probe_only_statistic,
+    unfused_statistic,
 )
-from vllm_pp.algorithm.probe import num_probe_tokens, select_probe_tokens, token_importance
+from vllm_pp.algorithm.probe import (
+    num_probe_tokens,
+    probe_only_attention,
+    select_probe_requests,
+    select_probe_tokens,
+    token_importance,
+)
 from vllm_pp.algorithm.scores import (
     attention_head_scores,
     channel_weight_norm,
@@ -76,6 +82,58 @@ def test_select_probe_tokens_ascending_and_ties_to_lower_index():
     assert select_probe_tokens(importance, 3).tolist() == [1, 2, 3]  # 2 beats 5 on the tie
     assert select_probe_tokens(importance, 0).tolist() == []
     assert select_probe_tokens(importance, 6).tolist() == list(range(6))
+
+
+def test_select_probe_requests_tokens_then_requests():
+    # Requests: [0] (5), [1] (1), [2..5] (2, 9, 3, 3), [6, 7] (0.5, 7).
+    importance = torch.tensor([5.0, 1.0, 2.0, 9.0, 3.0, 3.0, 0.5, 7.0])
+    query_start_loc = torch.tensor([0, 1, 2, 6, 8], dtype=torch.int32)
+    # Half of each request's tokens (at least one): 0 | 1 | 3, 4 (tie 4/5 to the
+    # lower index) | 7; request scores 5, 1, sqrt(90), 7.
+    assert select_probe_requests(importance, query_start_loc, 0.05, 0.5).tolist() == [3, 4]
+    assert select_probe_requests(importance, query_start_loc, 0.5, 0.5).tolist() == [3, 4, 7]
+    assert select_probe_requests(importance, query_start_loc, 0.75, 0.5).tolist() == [0, 3, 4, 7]
+    assert select_probe_requests(importance, query_start_loc, 1.0, 1.0).tolist() == list(range(8))
+
+
+def test_select_probe_requests_on_a_decode_step_is_the_top_tokens():
+    importance = torch.rand(40, generator=_gen(3))
+    query_start_loc = torch.arange(41, dtype=torch.int32)
+    assert torch.equal(
+        select_probe_requests(importance, query_start_loc, 0.05, 0.5),
+        select_probe_tokens(importance, 2),
+    )
+
+
+def test_probe_only_attention_attends_within_request_and_causally():
+    # 5 probe tokens of two requests, 4 query heads sharing 2 KV heads (GQA).
+    g = _gen(5)
+    q, k, v = torch.randn(5, 4, 8, generator=g), torch.randn(5, 2, 8, generator=g), torch.randn(5, 2, 8, generator=g)
+    positions = torch.tensor([3, 10, 40, 0, 7])
+    requests = torch.tensor([0, 0, 0, 1, 1])
+    out = probe_only_attention(q, k, v, positions, requests, 0.3)
+    assert out.shape == (5, 32)
+    for t in range(5):
+        context = [j for j in range(5) if requests[j] == requests[t] and positions[j] <= positions[t]]
+        for h in range(4):
+            keys, values = k[context, h // 2], v[context, h // 2]
+            weights = torch.softmax(keys @ q[t, h] * 0.3, dim=0)
+            torch.testing.assert_close(out[t, h * 8:(h + 1) * 8], weights @ values)
+
+def test_select_probe_requests_matches_a_per_request_loop():
+    lengths = [7, 1, 33, 2, 16, 1]
+    importance = torch.rand(sum(lengths), generator=_gen(4))
+    starts = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    kept, scores = [], []
+    for r, n in enumerate(lengths):
+        own = importance[starts[r]:starts[r + 1]]
+        top = starts[r] + select_probe_tokens(own, math.ceil(n * 0.3))
+        kept.append(top)
+        scores.append(importance[top].square().sum())
+    chosen = sorted(select_probe_tokens(torch.stack(scores), 2).tolist())
+    expected = torch.cat([kept[r] for r in chosen])
+    got = select_probe_requests(importance, torch.tensor(starts, dtype=torch.int32), 0.3, 0.3)
+    assert torch.equal(got, expected)
 
 
 # ------------------------------------------------------------------------- selection
@@ -254,9 +312,9 @@ def test_fuse_clamps_non_finite():
         fuse_probe_with_history(torch.zeros(2, 3), torch.zeros(3, 3))
 
 
-def test_probe_only_statistic():
+def test_unfused_statistic():
     pb = torch.tensor([[1.0, 2.0], [3.0, float("inf")]], dtype=torch.float16)
-    out = probe_only_statistic(pb)
+    out = unfused_statistic(pb)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, torch.tensor([4.0, 2.0 + FP16_MAX]))
 

@@ -1,5 +1,7 @@
 """Saving and loading the live history (--pp-history): shards, checks, method state."""
 
+import logging
+
 import pytest
 import torch
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
@@ -83,10 +85,20 @@ def test_engine_loads_a_saved_history_and_saves_it_at_shutdown(random_models, tm
     layout = {"position_bucket_size": 64, "num_buckets": 8}
     save_history_shard(tmp_path, worker, saved, layout)
     config = {"probe_pruning": {"ratio": 0.4, "history": {"path": str(tmp_path)}}}
-    with vllm_engine(model, in_process=True, additional_config=config) as llm:
-        (loaded,) = llm.apply_model(lambda m: m.probe_pruning.method.history_tensors())
-        assert all(torch.equal(loaded[name], saved[name]) for name in saved)
-        llm.generate([{"prompt_token_ids": list(range(1, 40))}], SamplingParams(max_tokens=4))
+    messages = []  # vLLM's loggers do not propagate to pytest's handler
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("vllm.probe_pruning").addHandler(handler)
+    try:
+        with vllm_engine(model, in_process=True, additional_config=config) as llm:
+            (loaded,) = llm.apply_model(lambda m: m.probe_pruning.method.history_tensors())
+            assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+            llm.generate([{"prompt_token_ids": list(range(1, 40))}], SamplingParams(max_tokens=4))
+    finally:
+        logging.getLogger("vllm.probe_pruning").removeHandler(handler)
+    # The store's memory is reported at start-up: 6 blocks x 8 rows x (256 or 512) x 4 bytes.
+    assert ("Probe pruning history (rank 0): 6 blocks, 0.1 MiB, layout "
+            "{'position_bucket_size': 64, 'num_buckets': 8}") in messages
     after = load_history_shard(tmp_path, worker, layout)
     assert sorted(after) == sorted(name.replace(".rank0.", ".") for name in saved)
     # Served steps moved the history (bucket 0 holds every position here).

@@ -29,3 +29,46 @@ def test_step_view_of_a_mixed_step():
     assert batch.request_of_token.tolist() == [0] + [1] * 9 + [2] * 3
     tracker.begin(metadata, positions)
     assert tracker.batch.index == 1
+
+
+def test_attention_probe_rows_exact_or_among_probe_tokens():
+    """ProbePruning.attention_probe wires q/k/v, positions and requests into the probe."""
+    from vllm_pp.config import ProbePruningConfig
+    from vllm_pp.pruning import ProbePruning
+
+    # Two fresh prefill requests of 4 and 3 tokens; 4 query heads over 2 KV heads.
+    metadata = types.SimpleNamespace(
+        num_actual_tokens=7, max_query_len=4,
+        query_start_loc=torch.tensor([0, 4, 7], dtype=torch.int32), seq_lens=torch.tensor([4, 3]),
+    )
+    tracker = StepTracker()
+    tracker.begin(metadata, torch.tensor([0, 1, 2, 3, 0, 1, 2]))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(7, 4 * 8, generator=g), torch.randn(7, 2 * 8, generator=g), torch.randn(7, 2 * 8, generator=g)
+    # What vLLM's attention computes for these fresh requests (causal, per request).
+    heads_out = torch.cat([
+        torch.nn.functional.scaled_dot_product_attention(
+            q[s:e].view(-1, 4, 8).transpose(0, 1),
+            k[s:e].view(-1, 2, 8).repeat_interleave(2, dim=1).transpose(0, 1),
+            v[s:e].view(-1, 2, 8).repeat_interleave(2, dim=1).transpose(0, 1),
+            is_causal=True, scale=0.5,
+        ).transpose(0, 1).reshape(e - s, 32)
+        for s, e in ((0, 4), (4, 7))
+    ])
+
+    def probe(attention: str):
+        state = types.SimpleNamespace(
+            config=ProbePruningConfig.from_dict({"ratio": 0.4, "probe": {"attention": attention}}),
+            steps=tracker,
+        )
+        return ProbePruning.attention_probe(state, heads_out, q, k, v, num_kv_heads=2, head_dim=8, scale=0.5)
+
+    rows = torch.tensor([1, 2, 5])
+    assert torch.equal(probe("exact")(rows), heads_out[rows])
+    # Probing every token of fresh requests, the paper's probe-only attention is exact.
+    everything = torch.arange(7)
+    torch.testing.assert_close(probe("probe-only")(everything), heads_out)
+    # A subset attends among itself only: token 2 sees token 1 but not token 0.
+    subset = probe("probe-only")(rows)
+    assert not torch.allclose(subset[1], heads_out[2])
+    torch.testing.assert_close(subset[0], probe("probe-only")(torch.tensor([1]))[0])

@@ -24,6 +24,9 @@ ADDITIONAL_CONFIG_KEY = "probe_pruning"
 BUILTIN_METHODS = ("probe", "full-batch", "flap", "wanda-sp", "dense", "calibration")
 # Methods that run the pruned-execution path to record statistics, not to prune.
 RECORDING_METHODS = ("calibration",)
+PROBE_SELECTIONS = ("tokens", "requests")
+PROBE_ATTENTIONS = ("exact", "probe-only")
+HISTORY_FUSIONS = ("importance-scaled", "probe-only", "history-only")
 
 # The paper never prunes the first three decoder layers (spec 3.6).
 DEFAULT_SKIP_LAYERS = (0, 1, 2)
@@ -68,17 +71,42 @@ def _non_negative_int(name: str, value: Any) -> int:
 class ProbeConfig:
     """How many of a step's tokens run ahead through each pruned block."""
 
-    # Share of the step's tokens probed. The paper probes 1 of 20 samples x 50%
-    # of its tokens, i.e. 2.5% of the batch's tokens.
+    # "tokens": the top `ratio` share of the step's tokens by residual norm.
+    # "requests": the paper's two stages with requests as samples: the top
+    # `request_token_ratio` of each request's tokens, then the top
+    # `request_ratio` of the requests (algorithm/probe.py).
+    selection: str = "tokens"
+    # Share of the step's tokens probed ("tokens"). The paper probes 1 of 20
+    # samples x 50% of its tokens, i.e. 2.5% of the batch's tokens.
     ratio: float = 0.025
-    # Lower bound, so that small decode steps still probe something.
+    # Lower bound, so that small decode steps still probe something ("tokens").
     min_tokens: int = 1
+    # "requests": share of the step's requests probed (paper: 5% of samples)
+    # and share of each probed request's tokens (paper: 50%).
+    request_ratio: float = 0.05
+    request_token_ratio: float = 0.5
+    # The attention probe: "exact" takes the probe tokens' rows of the step's
+    # own attention output (every token attends over its real context);
+    # "probe-only" is the paper's approximation, attention among the probe
+    # tokens only, kept to measure the difference (docs/design.md).
+    attention: str = "exact"
 
     def __post_init__(self) -> None:
-        if _number("probe.ratio", self.ratio, 0.0, 1.0, high_open=False) == 0.0:
+        if self.selection not in PROBE_SELECTIONS:
             raise ProbePruningConfigError(
-                "probe_pruning.probe.ratio=0.0 is invalid: expected a number in (0, 1]"
+                f"probe_pruning.probe.selection={self.selection!r} is invalid: "
+                f"expected one of {', '.join(PROBE_SELECTIONS)}"
             )
+        if self.attention not in PROBE_ATTENTIONS:
+            raise ProbePruningConfigError(
+                f"probe_pruning.probe.attention={self.attention!r} is invalid: "
+                f"expected one of {', '.join(PROBE_ATTENTIONS)}"
+            )
+        for name in ("ratio", "request_ratio", "request_token_ratio"):
+            if _number(f"probe.{name}", getattr(self, name), 0.0, 1.0, high_open=False) == 0.0:
+                raise ProbePruningConfigError(
+                    f"probe_pruning.probe.{name}=0.0 is invalid: expected a number in (0, 1]"
+                )
         _positive_int("probe.min_tokens", self.min_tokens)
 
 
@@ -93,12 +121,20 @@ class HistoryConfig:
     # 64 gave perplexity 70.5 against 76.8 per position and 71.0 for a single
     # row (benchmarks/results). 0 keeps one row for all positions.
     position_bucket_size: int = 64
+    # How a decision combines probe and history: the paper's importance-scaled
+    # fusion, or one source alone (the no-history and no-probe ablations).
+    fusion: str = "importance-scaled"
     # Directory of saved history shards (one file per TP rank): loaded at
     # start-up when present, written at clean shutdown (vllm_pp/history_store.py).
     path: str | None = None
 
     def __post_init__(self) -> None:
         _number("history.ema_momentum", self.ema_momentum, 0.0, 1.0, high_open=True)
+        if self.fusion not in HISTORY_FUSIONS:
+            raise ProbePruningConfigError(
+                f"probe_pruning.history.fusion={self.fusion!r} is invalid: "
+                f"expected one of {', '.join(HISTORY_FUSIONS)}"
+            )
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ProbePruningConfigError(
                 f"probe_pruning.history.path={self.path!r} is invalid: expected a directory path"

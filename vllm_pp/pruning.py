@@ -9,6 +9,7 @@ import torch
 from vllm.logger import init_logger
 
 from vllm_pp import profiling
+from vllm_pp.algorithm.probe import probe_only_attention
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
 from vllm_pp.history_store import load_history_shard, save_history_shard, shard_path
 from vllm_pp.methods import build_method
@@ -122,6 +123,33 @@ class ProbePruning:
         self._attention_layer_name = self._attention_layer_name or attention_layer_name
         return BlockPruner(block, self)
 
+    def attention_probe(
+        self, heads_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        *, num_kv_heads: int, head_dim: int, scale: float,
+    ) -> ProbeFn:
+        """The attention block's probe: rows of o_proj's input for probe token indices.
+
+        heads_out: ``[T, H * hd]`` the step's attention output; q ``[T, H * hd]``,
+        k and v ``[T, KV * hd]`` after rotary (used by ``probe.attention``
+        "probe-only" only).
+        """
+        if self.config.probe.attention == "exact":
+            return lambda rows: heads_out.index_select(0, rows)
+        batch = self.steps.batch
+
+        def probe_only(rows: torch.Tensor) -> torch.Tensor:
+            q_rows, k_rows, v_rows = (t.index_select(0, rows) for t in (q, k, v))
+            return probe_only_attention(
+                q_rows.view(rows.numel(), -1, head_dim),
+                k_rows.view(rows.numel(), num_kv_heads, head_dim),
+                v_rows.view(rows.numel(), num_kv_heads, head_dim),
+                batch.positions.index_select(0, rows),
+                batch.request_of_token.index_select(0, rows),
+                scale,
+            ).to(heads_out.dtype)
+
+        return probe_only
+
     def build(self) -> None:
         """Create the method once every block is known (before weights load)."""
         self.method = build_method(
@@ -131,6 +159,13 @@ class ProbePruning:
     def prepare(self) -> None:
         """After weights load: hand the method the weights, then load the saved history."""
         self.method.prepare({b: lin.weight for b, lin in self._output_linears.items()})
+        layout = self.method.history_layout()
+        if layout is not None:
+            history = self.method.history_tensors().values()
+            logger.info(
+                "Probe pruning history (rank %d): %d blocks, %.1f MiB, layout %s",
+                self.worker.tp_rank, len(history), sum(t.nbytes for t in history) / 2**20, layout,
+            )
         if self.config.history.path:
             saved = load_history_shard(self.config.history.path, self.worker, self._history_layout())
             if saved is not None:

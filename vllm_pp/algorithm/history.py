@@ -58,12 +58,14 @@ def fuse_probe_with_history(
     return (alpha * pb + (1.0 - alpha) * hs).sum(dim=0)
 
 
-def probe_only_statistic(probe_sq: Tensor, clamp_max: float = FP16_MAX) -> Tensor:
-    """Probe statistic without history (ablation, Full-Batch Probing): ``sum_t Pb[t]``.
+def unfused_statistic(sq: Tensor, clamp_max: float = FP16_MAX) -> Tensor:
+    """One source without fusion, summed over its rows: ``sum_t sq[t]``.
 
-    probe_sq: ``[P, C]``. Returns ``[C]`` float32.
+    The probe alone (Full-Batch Probing, the no-history ablation) or the probe
+    tokens' history rows alone (the no-probe ablation). sq: ``[P, C]``.
+    Returns ``[C]`` float32.
     """
-    return _finite_nonneg(probe_sq, clamp_max).sum(dim=0)
+    return _finite_nonneg(sq, clamp_max).sum(dim=0)
 
 
 class StepRows(NamedTuple):

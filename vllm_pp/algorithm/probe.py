@@ -2,13 +2,19 @@
 
 vLLM hands a layer all tokens of a step as one ``[T, D]`` matrix (prefill chunks
 and single decode tokens of several requests, no padding). There is no
-``[batch, seq]`` grid, so the paper's two-stage selection (tokens, then samples)
-collapses to one stage: each token is ranked by the L2 norm of its own residual.
+``[batch, seq]`` grid, so two selections are offered:
+
+* ``tokens``: each token is ranked by the L2 norm of its own residual and the
+  top share of the step's tokens is the probe;
+* ``requests``: the paper's two stages with a request in the role of a sample:
+  the top share of each request's tokens, then the requests whose kept tokens
+  have the largest residual norm.
 """
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from vllm_pp.algorithm.selection import top_k_indices
@@ -45,3 +51,63 @@ def select_probe_tokens(importance: Tensor, num_probe: int) -> Tensor:
     indices by position). Ties go to the lower index.
     """
     return top_k_indices(importance, num_probe)
+
+
+def select_probe_requests(
+    importance: Tensor, query_start_loc: Tensor, requests_ratio: float, tokens_ratio: float
+) -> Tensor:
+    """The paper's tokens-then-samples probe (spec 1.2), with requests as samples.
+
+    importance: ``[T]`` residual norm of each token; query_start_loc:
+    ``[R + 1]``, request r owns tokens ``query_start_loc[r]:query_start_loc[r+1]``.
+    Each request keeps its top ``ceil(tokens_ratio * len)`` tokens (at least
+    one); a request's score is the L2 norm of its kept tokens' norms; the top
+    ``ceil(requests_ratio * R)`` requests (at least one) form the probe.
+    Positions are ranked within each request rather than across the batch,
+    because requests of a step have different lengths. Returns a LongTensor of
+    token indices in ascending order; ties go to the lower index.
+    """
+    num_tokens = importance.shape[0]
+    lengths = query_start_loc[1:] - query_start_loc[:-1]  # [R]
+    num_requests = lengths.shape[0]
+    device = importance.device
+    request = torch.repeat_interleave(
+        torch.arange(num_requests, device=device), lengths, output_size=num_tokens
+    )  # [T]
+    # Order tokens by request, then by importance (descending, stable): the
+    # position of a token in that order, minus its request's start, is its rank.
+    by_importance = torch.sort(importance, descending=True, stable=True).indices
+    order = by_importance[torch.sort(request[by_importance], stable=True).indices]
+    rank = torch.empty(num_tokens, dtype=torch.long, device=device)
+    rank[order] = torch.arange(num_tokens, device=device)
+    rank -= query_start_loc.long()[request]
+    kept_per_request = torch.ceil(lengths.double() * tokens_ratio).long().clamp(min=1)
+    token_kept = rank < kept_per_request[request]  # [T] bool
+    request_score = torch.zeros(num_requests, dtype=torch.float32, device=device).index_add_(
+        0, request, torch.where(token_kept, importance.float().square(), 0.0)
+    )
+    num_kept_requests = min(num_requests, max(1, math.ceil(num_requests * requests_ratio)))
+    kept_requests = top_k_indices(request_score, num_kept_requests)
+    request_kept = torch.zeros(num_requests, dtype=torch.bool, device=device)
+    request_kept[kept_requests] = True
+    return torch.nonzero(token_kept & request_kept[request]).squeeze(1)
+
+
+def probe_only_attention(
+    q: Tensor, k: Tensor, v: Tensor, positions: Tensor, requests: Tensor, scale: float
+) -> Tensor:
+    """The paper's attention probe (spec 1.3): causal attention among the probe tokens only.
+
+    q: ``[P, H, hd]``, k and v: ``[P, KV, hd]`` of the probe tokens (rotary
+    already applied at their own positions); positions, requests: ``[P]``.
+    A probe token attends to the probe tokens of its own request at the same
+    or earlier positions, never to the rest of its context (serving uses the
+    exact rows instead; this is kept to measure the difference). Returns the
+    o_proj input of the probe tokens, ``[P, H * hd]``.
+    """
+    num_probe, num_heads, head_dim = q.shape
+    groups = num_heads // k.shape[1]
+    k, v = (t.repeat_interleave(groups, dim=1).transpose(0, 1) for t in (k, v))  # [H, P, hd]
+    allowed = (requests[:, None] == requests[None, :]) & (positions[None, :] <= positions[:, None])
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=allowed, scale=scale)
+    return out.transpose(0, 1).reshape(num_probe, num_heads * head_dim)

@@ -34,10 +34,15 @@ from vllm_pp.algorithm.history import (
     ema_update_,
     fuse_probe_with_history,
     position_buckets,
-    probe_only_statistic,
     step_rows,
+    unfused_statistic,
 )
-from vllm_pp.algorithm.probe import num_probe_tokens, select_probe_tokens, token_importance
+from vllm_pp.algorithm.probe import (
+    num_probe_tokens,
+    select_probe_requests,
+    select_probe_tokens,
+    token_importance,
+)
 from vllm_pp.algorithm.scores import attention_head_scores, channel_weight_norm, mlp_channel_scores
 from vllm_pp.algorithm.selection import (
     kept_heads_to_channels,
@@ -156,14 +161,27 @@ class ProbePruningMethod(PruningMethod):
     def _probe(self, batch: StepBatch, residual, probe) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared probe activations [P, width] and the probe's rows [P] in the step."""
         importance = token_importance(residual[: batch.num_tokens])
-        count = num_probe_tokens(batch.num_tokens, self.config.probe.ratio, self.config.probe.min_tokens)
-        rows = select_probe_tokens(importance, count)
+        probe_config = self.config.probe
+        if probe_config.selection == "requests":
+            rows = select_probe_requests(
+                importance, batch.query_start_loc,
+                probe_config.request_ratio, probe_config.request_token_ratio,
+            )
+        else:
+            count = num_probe_tokens(batch.num_tokens, probe_config.ratio, probe_config.min_tokens)
+            rows = select_probe_tokens(importance, count)
         return probe(rows).float().square(), rows
 
     @timed("scoring")
     def _fuse(self, block: PrunableBlock, probe_sq: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
         """The fused statistic [width] of the probe ([P, width]) and its tokens' history rows."""
-        return fuse_probe_with_history(probe_sq, self.history[block].index_select(0, buckets))
+        fusion = self.config.history.fusion
+        if fusion == "probe-only":
+            return unfused_statistic(probe_sq)
+        history_rows = self.history[block].index_select(0, buckets)
+        if fusion == "history-only":
+            return unfused_statistic(history_rows)
+        return fuse_probe_with_history(probe_sq, history_rows)
 
     def _buckets(self, positions: torch.Tensor) -> torch.Tensor:
         return position_buckets(positions.long(), self.bucket_size, self.num_buckets)
@@ -213,7 +231,7 @@ class FullBatchProbing(ProbePruningMethod):
 
     def decide(self, block, batch: StepBatch, residual, probe):
         rows = torch.arange(batch.num_tokens, device=residual.device)
-        return self._keep(block, probe_only_statistic(probe(rows).float().square()))
+        return self._keep(block, unfused_statistic(probe(rows).float().square()))
 
     def update(self, block, batch, kept, activations) -> None:
         pass

@@ -28,10 +28,13 @@ def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @timed("attention")
-def _attend(attn, positions: torch.Tensor, q, k, v) -> torch.Tensor:
-    """Rotary, KV-cache write and attention of every head: [T, local_heads * head_dim]."""
+def _attend(attn, positions: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotary, KV-cache write and attention of every head.
+
+    Returns the attention output [T, local_heads * head_dim] and q, k after rotary.
+    """
     q, k = attn.rotary_emb(positions, q, k)
-    return attn.attn(q, k, v)
+    return attn.attn(q, k, v), q, k
 
 
 class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
@@ -87,11 +90,13 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
         q, k, v = _qkv(attn, x)
         # Every head attends and writes its K/V for every token, whatever is
         # pruned below: a head kept at a later step must find its cache whole.
-        heads_out = _attend(attn, positions, q, k, v)  # [T, local_heads * head_dim]
+        heads_out, q, k = _attend(attn, positions, q, k, v)  # [T, local_heads * head_dim]
         return self.attention_pruner.run(
             residual,
-            # The probe of the attention block is the exact output of its tokens.
-            probe=lambda rows: heads_out.index_select(0, rows),
+            probe=self.attention_pruner.pruning.attention_probe(
+                heads_out, q, k, v,
+                num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, scale=attn.scaling,
+            ),
             dense=lambda: attn.o_proj(heads_out)[0],
             pruned=lambda kept, correction: execution.attention_output(
                 self.packed_o_proj, attn.o_proj, heads_out, kept, correction

@@ -79,7 +79,10 @@ class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
         heads_out = _attend(attn, q, k, v)  # [T, local_heads * head_dim]
         return self.attention_pruner.run(
             residual,
-            probe=lambda rows: heads_out.index_select(0, rows),
+            probe=self.attention_pruner.pruning.attention_probe(
+                heads_out, q, k, v,
+                num_kv_heads=attn.num_heads, head_dim=attn.head_dim, scale=attn.scaling,
+            ),
             dense=lambda: attn.out_proj(heads_out)[0],
             pruned=lambda kept, correction: execution.attention_output(
                 self.packed_out_proj, attn.out_proj, heads_out, kept, correction
