@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.offline import PerplexityRun, calibrate, evaluate_perplexity
+from vllm_pp.offline import PerplexityRun, calibrate, evaluate_perplexity, kv_cache_bytes
 from vllm_pp.statistics import load_statistics, read_metadata
 
 SEQ_LEN, SAMPLES = 64, 8
@@ -85,3 +85,17 @@ def test_every_method_evaluates(perplexities):
     # Pruning 40% of a random model changes its predictions.
     pruned = {m: p for m, p in perplexities.items() if m != "dense"}
     assert all(abs(p - perplexities["dense"]) > 1e-3 for p in pruned.values()), perplexities
+
+
+@pytest.mark.parametrize("config, per_token", [
+    # LLaMA-GQA: 30 layers x K,V x 3 KV heads x head_dim 64 x 4 bytes.
+    ({"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576},
+     30 * 2 * 3 * 64 * 4),
+    # OPT names no KV heads: every head has its own K and V.
+    ({"num_hidden_layers": 2, "num_attention_heads": 4, "hidden_size": 64}, 2 * 2 * 4 * 16 * 4),
+])
+def test_offline_kv_cache_is_sized_to_the_run(tmp_path, config, per_token):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert kv_cache_bytes(str(tmp_path), 8 * 513) == 2 * 8 * 513 * per_token
