@@ -51,6 +51,14 @@ def _number(name: str, value: Any, low: float, high: float, *, high_open: bool) 
     return value
 
 
+def _one_of(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise ProbePruningConfigError(
+            f"probe_pruning.{name}={value!r} is invalid: expected one of {', '.join(allowed)}"
+        )
+    return value
+
+
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ProbePruningConfigError(
@@ -92,16 +100,8 @@ class ProbeConfig:
     attention: str = "exact"
 
     def __post_init__(self) -> None:
-        if self.selection not in PROBE_SELECTIONS:
-            raise ProbePruningConfigError(
-                f"probe_pruning.probe.selection={self.selection!r} is invalid: "
-                f"expected one of {', '.join(PROBE_SELECTIONS)}"
-            )
-        if self.attention not in PROBE_ATTENTIONS:
-            raise ProbePruningConfigError(
-                f"probe_pruning.probe.attention={self.attention!r} is invalid: "
-                f"expected one of {', '.join(PROBE_ATTENTIONS)}"
-            )
+        _one_of("probe.selection", self.selection, PROBE_SELECTIONS)
+        _one_of("probe.attention", self.attention, PROBE_ATTENTIONS)
         for name in ("ratio", "request_ratio", "request_token_ratio"):
             if _number(f"probe.{name}", getattr(self, name), 0.0, 1.0, high_open=False) == 0.0:
                 raise ProbePruningConfigError(
@@ -130,11 +130,7 @@ class HistoryConfig:
 
     def __post_init__(self) -> None:
         _number("history.ema_momentum", self.ema_momentum, 0.0, 1.0, high_open=True)
-        if self.fusion not in HISTORY_FUSIONS:
-            raise ProbePruningConfigError(
-                f"probe_pruning.history.fusion={self.fusion!r} is invalid: "
-                f"expected one of {', '.join(HISTORY_FUSIONS)}"
-            )
+        _one_of("history.fusion", self.fusion, HISTORY_FUSIONS)
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ProbePruningConfigError(
                 f"probe_pruning.history.path={self.path!r} is invalid: expected a directory path"
