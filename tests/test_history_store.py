@@ -1,7 +1,5 @@
 """Saving and loading the live history (--pp-history): shards, checks, method state."""
 
-import logging
-
 import pytest
 import torch
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
@@ -70,10 +68,11 @@ def test_shard_path_names_the_rank(tmp_path):
     assert shard_path(tmp_path, 3) == tmp_path / "rank3.safetensors"
 
 
-def test_engine_loads_a_saved_history_and_saves_it_at_shutdown(random_models, tmp_path):
+def test_engine_loads_a_saved_history_and_saves_it_at_shutdown(random_models, tmp_path, monkeypatch):
     from engines import vllm_engine
     from transformers import AutoConfig
     from vllm import SamplingParams
+    from vllm_pp import pruning
     from vllm_pp.statistics import model_identity
 
     model = random_models["llama-gqa"]
@@ -85,17 +84,14 @@ def test_engine_loads_a_saved_history_and_saves_it_at_shutdown(random_models, tm
     layout = {"position_bucket_size": 64, "num_buckets": 8}
     save_history_shard(tmp_path, worker, saved, layout)
     config = {"probe_pruning": {"ratio": 0.4, "history": {"path": str(tmp_path)}}}
-    messages = []  # vLLM's loggers do not propagate to pytest's handler
-    handler = logging.Handler(logging.INFO)
-    handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("vllm.probe_pruning").addHandler(handler)
-    try:
-        with vllm_engine(model, in_process=True, additional_config=config) as llm:
-            (loaded,) = llm.apply_model(lambda m: m.probe_pruning.method.history_tensors())
-            assert all(torch.equal(loaded[name], saved[name]) for name in saved)
-            llm.generate([{"prompt_token_ids": list(range(1, 40))}], SamplingParams(max_tokens=4))
-    finally:
-        logging.getLogger("vllm.probe_pruning").removeHandler(handler)
+    # The worker runs in this process: record what it logs, whatever logging
+    # configuration earlier tests (or Ray) left behind.
+    messages = []
+    monkeypatch.setattr(pruning.logger, "info", lambda message, *args: messages.append(message % args))
+    with vllm_engine(model, in_process=True, additional_config=config) as llm:
+        (loaded,) = llm.apply_model(lambda m: m.probe_pruning.method.history_tensors())
+        assert all(torch.equal(loaded[name], saved[name]) for name in saved)
+        llm.generate([{"prompt_token_ids": list(range(1, 40))}], SamplingParams(max_tokens=4))
     # The store's memory is reported at start-up: 6 blocks x 8 rows x (256 or 512) x 4 bytes.
     assert ("Probe pruning history (rank 0): 6 blocks, 0.1 MiB, layout "
             "{'position_bucket_size': 64, 'num_buckets': 8}") in messages
