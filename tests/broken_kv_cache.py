@@ -23,7 +23,7 @@ class _SkipPrunedHeadsKVLayer(ProbePruningLlamaDecoderLayer):
         pruned[kept] = False
         mask = (~pruned).repeat_interleave(attn.head_dim).to(k.dtype)
         heads_out = attn.attn(q, k * mask, v * mask)
-        output, _ = attention_output(self.packed_o_proj, attn.o_proj, heads_out, kept)
+        output, _, _ = attention_output(self.packed_o_proj, attn.o_proj, heads_out, kept)
         return output
 
 

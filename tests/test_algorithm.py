@@ -8,6 +8,8 @@ import torch
 from vllm_pp.algorithm.history import (
     CalibrationMoments,
     ema_update_,
+    ema_update_layers_,
+    step_rows,
     fuse_probe_with_history,
     position_buckets,
     unfused_statistic,
@@ -366,6 +368,23 @@ def test_ema_update_skips_rows_overflowing_history_dtype():
     assert torch.equal(history, torch.full((1, 2), 60000.0, dtype=torch.float16))
 
 
+def test_ema_update_of_several_layers_equals_one_update_per_layer():
+    g = _gen(5)
+    history = torch.rand(5, 6, 10, generator=g)
+    buckets = torch.randint(0, 6, (30,), generator=g)
+    layers = torch.tensor([3, 0, 4])  # a subset, in any order
+    kept = torch.stack([torch.randperm(10, generator=g)[:4] for _ in range(3)])  # unsorted
+    sq = torch.rand(3, 30, 4, generator=g)
+    sq[2, 7, 1] = float("inf")  # one (layer, row) pair is skipped
+    reference = history.clone()
+    skipped = sum(ema_update_(reference[l], buckets, sq[n], kept[n], 0.9) for n, l in enumerate(layers))
+    assert ema_update_layers_(history, layers, step_rows(buckets), sq, kept, 0.9) == skipped == 1
+    torch.testing.assert_close(history, reference, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="contiguous"):
+        ema_update_layers_(history.transpose(1, 2).contiguous().transpose(1, 2), layers,
+                           step_rows(buckets), sq, kept, 0.9)
+
+
 def test_ema_update_empty_step_and_bad_shapes():
     history = torch.ones(2, 2)
     empty = torch.zeros(0, dtype=torch.long)
@@ -538,15 +557,50 @@ def test_pp_history_update_skips_and_counts_non_finite_rows():
     batch = _step([0, 1, 64, 65])  # buckets 0, 0, 1, 1 (64 positions per bucket)
     activations = torch.ones(4, 8, dtype=torch.float16)
     activations[2, 3] = float("inf")  # overflowed in the block: bucket 1's update is not finite
-    method.update(block, batch, torch.arange(4), activations)
+    method.update(block, batch, torch.arange(8), activations)
+    method.end_step(batch)
     history = method.history[block]
     assert method.skipped_history_rows == 1
     assert torch.isfinite(history).all()
     assert torch.equal(history[1], torch.zeros(8))  # left as it was
     torch.testing.assert_close(history[0], torch.full((8,), 0.01))  # (1 - 0.99) * 1^2
     activations[0, 0] = float("nan")
-    method.update(block, batch, torch.arange(4), activations)
+    method.update(block, batch, torch.arange(8), activations)
+    method.end_step(batch)
     assert method.skipped_history_rows == 3 and torch.isfinite(history).all()
+
+
+@pytest.mark.parametrize("pending_limit", [None, 1])
+def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(monkeypatch, pending_limit):
+    """Batched at end_step (or whenever the pending activations pass the limit) as per block."""
+    from vllm_pp.config import ProbePruningConfig
+    from vllm_pp.methods import probe as probe_module
+    from vllm_pp.methods.base import PrunableBlock, WorkerInfo
+
+    if pending_limit is not None:
+        monkeypatch.setattr(probe_module, "PENDING_UPDATE_BYTES", pending_limit)
+    blocks = [PrunableBlock(layer, kind, 8, 2 if kind == "attention" else 1)
+              for layer in range(3) for kind in ("attention", "mlp")]
+    config = ProbePruningConfig(ratio=0.5, skip_layers=[])
+    method = probe_module.ProbePruningMethod(
+        config, blocks, WorkerInfo(num_layers=3, tp_rank=0, tp_size=1, max_model_len=128))
+    g = _gen(6)
+    for block in blocks:
+        method.history[block].copy_(torch.rand(2, 8, generator=g))
+    reference = {block: method.history[block].clone() for block in blocks}
+    batch = _step([0, 1, 64, 65, 66])
+    for block in blocks:
+        channels = torch.randperm(8, generator=g)[:4]  # slot order
+        activations = torch.randn(6, 4, generator=g)  # one padding row past num_tokens
+        method.update(block, batch, channels, activations)
+        ema_update_(reference[block], torch.tensor([0, 0, 1, 1, 1]),
+                    activations[:5].square(), channels, config.history.ema_momentum)
+    method.end_step(batch)
+    for block in blocks:
+        torch.testing.assert_close(method.history[block], reference[block], rtol=0, atol=0)
+    # The saved history is one tensor per block, not views of a shared one.
+    saved = method.history_tensors()
+    assert len({t.data_ptr() for t in saved.values()}) == len(blocks) == len(saved)
 
 
 def test_pp_decision_with_overflowed_probe_is_finite_and_deterministic():

@@ -50,7 +50,7 @@ class FakeMethod:
     def output_correction(self, block, kept):
         return None
 
-    def update(self, block, batch, kept, activations):
+    def update(self, block, batch, channels, activations):
         pass
 
 
@@ -70,7 +70,7 @@ def _run_steps(pruning, pruners, num_steps, num_tokens=5):
                 residual,
                 probe=lambda rows: rows,
                 dense=lambda: "dense",
-                pruned=lambda kept, correction: ("pruned", None),
+                pruned=lambda kept, correction: ("pruned", None, None),
             )
 
 

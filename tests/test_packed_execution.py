@@ -40,7 +40,7 @@ def _decisions(num_units: int, keep: int, steps: int, seed: int):
     return out
 
 
-def test_packed_units_hold_the_kept_rows_and_restore_unit_order():
+def test_packed_units_hold_the_kept_rows():
     unit_rows, num_units, keep = 3, 10, 6
     source = torch.randn(2, num_units * unit_rows, 5)
     packed = execution.PackedUnits([source], unit_rows)
@@ -51,9 +51,8 @@ def test_packed_units_hold_the_kept_rows_and_restore_unit_order():
         assert sorted(packed.slot_units.tolist()) == kept.tolist()
         assert torch.equal(packed.packed[0], source[:, packed.slot_rows])
         assert packed.held.nonzero().squeeze(1).tolist() == kept.tolist()
-        # Columns in slot order come back in ascending unit order.
-        columns = torch.arange(source.shape[1]).float()[packed.slot_rows].expand(4, -1)
-        assert torch.equal(packed.in_unit_order(columns)[0], rows.float())
+        # slot_rows names the kept units' rows, each once.
+        assert sorted(packed.slot_rows.tolist()) == rows.tolist()
 
 
 def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
@@ -75,16 +74,18 @@ def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
     heads_out = torch.randn(5, heads * head_dim)
     correction = torch.randn(hidden)
     for kept, kept_heads in zip(_decisions(width, 7, 6, seed=1), _decisions(heads, 2, 6, seed=2)):
-        output, intermediate = execution.gated_mlp(mlp, act, down, x, kept, correction)
+        output, intermediate, channels = execution.gated_mlp(mlp, act, down, x, kept, correction)
         mask = torch.zeros(width)
         mask[kept] = 1.0
         full = act(F.linear(x, gate_up.weight))
         torch.testing.assert_close(output, F.linear(full * mask, dense_down) + correction + down.bias)
-        torch.testing.assert_close(intermediate, full[:, kept])
+        assert sorted(channels.tolist()) == kept.tolist()
+        torch.testing.assert_close(intermediate, full[:, channels])
 
-        output, kept_out = execution.attention_output(attention, o_proj, heads_out, kept_heads)
-        channels = execution.kept_heads_to_channels(kept_heads, head_dim)
-        torch.testing.assert_close(output, heads_out[:, channels] @ dense_o[:, channels].t())
+        output, kept_out, channels = execution.attention_output(attention, o_proj, heads_out, kept_heads)
+        kept_channels = execution.kept_heads_to_channels(kept_heads, head_dim)
+        torch.testing.assert_close(output, heads_out[:, kept_channels] @ dense_o[:, kept_channels].t())
+        assert sorted(channels.tolist()) == kept_channels.tolist()
         assert torch.equal(kept_out, heads_out[:, channels])
 
 
@@ -96,9 +97,10 @@ def test_plain_mlp_with_bias_equals_masked_dense_block():
     packed = execution.pack_plain_mlp(fc1, fc2)
     x = torch.randn(3, hidden)
     for kept in _decisions(width, 4, 6, seed=3):
-        output, intermediate = execution.plain_mlp(packed, torch.relu, fc2, x, kept)
+        output, intermediate, channels = execution.plain_mlp(packed, torch.relu, fc2, x, kept)
         full = torch.relu(F.linear(x, fc1.weight, fc1.bias))
         mask = torch.zeros(width)
         mask[kept] = 1.0
         torch.testing.assert_close(output, F.linear(full * mask, dense_fc2, fc2.bias))
-        torch.testing.assert_close(intermediate, full[:, kept])
+        assert sorted(channels.tolist()) == kept.tolist()
+        torch.testing.assert_close(intermediate, full[:, channels])

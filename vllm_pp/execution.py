@@ -63,8 +63,8 @@ class PackedUnits:
     ``w`` = ``unit_rows`` consecutive rows per unit (head_dim for heads, 1 for
     channels). :meth:`load` makes ``packed[i]`` (``[S, K * w, D]``) hold the
     rows of the K kept units, one unit per slot; the order of the slots is
-    whatever the swaps left, and :meth:`in_unit_order` undoes it for outputs
-    that must follow ascending unit order.
+    whatever the swaps left, and ``slot_rows`` names the source row of every
+    packed row (the block functions return it with their activations).
     """
 
     def __init__(self, sources: list[torch.Tensor], unit_rows: int):
@@ -76,8 +76,6 @@ class PackedUnits:
         self.slot_units: torch.Tensor | None = None  # [K] unit of each slot
         self.slot_rows: torch.Tensor | None = None  # [K * w] source row of each packed row
         self.held = torch.zeros(self.num_units, dtype=torch.bool, device=sources[0].device)
-        self._order: torch.Tensor | None = None  # [K * w] packed row of each kept row, ascending
-        self._ascending = True  # slots hold the units in ascending order
 
     @timed("weight preparation")
     def load(self, kept: torch.Tensor) -> None:
@@ -89,7 +87,6 @@ class PackedUnits:
         else:
             self._swap(kept)
         self.kept = kept
-        self._order = None
 
     def weight(self, index: int, *, rows_are_outputs: bool) -> torch.Tensor:
         """``packed[index]`` as a linear weight [N_out, K_in] (a view).
@@ -101,18 +98,6 @@ class PackedUnits:
         rows = packed.view(-1, packed.shape[-1])
         return rows if rows_are_outputs else rows.t()
 
-    def in_unit_order(self, columns: torch.Tensor) -> torch.Tensor:
-        """Reorder ``columns`` ([T, K * w], one column per packed row) into ascending unit order."""
-        if self._ascending:
-            return columns
-        if self._order is None:
-            # Invert slot_rows: the packed row of every kept row, in ascending order.
-            packed_row = torch.empty(self.held.numel() * self.unit_rows, dtype=torch.long,
-                                     device=columns.device)
-            packed_row.index_put_((self.slot_rows,), torch.arange(self.slot_rows.numel(), device=columns.device))
-            self._order = packed_row.index_select(0, self._rows(self.kept))
-        return columns.index_select(1, self._order)
-
     def _rows(self, units: torch.Tensor) -> torch.Tensor:
         """Source rows of ``units``, ``unit_rows`` consecutive rows each."""
         return units if self.unit_rows == 1 else kept_heads_to_channels(units, self.unit_rows)
@@ -122,7 +107,6 @@ class PackedUnits:
         self.slot_rows = self._rows(kept).clone()
         self.packed = [source.index_select(1, self.slot_rows) for source in self.sources]
         self.held = torch.zeros_like(self.held).index_fill_(0, kept, True)
-        self._ascending = True
 
     def _swap(self, kept: torch.Tensor) -> None:
         wanted = torch.zeros_like(self.held).index_fill_(0, kept, True)
@@ -139,7 +123,6 @@ class PackedUnits:
         for source, packed in zip(self.sources, self.packed):
             for section, target in zip(source, packed):
                 target.index_put_((freed_rows,), section.index_select(0, entering_rows))
-        self._ascending = False
 
 
 def transpose_storage_(linear) -> torch.Tensor:
@@ -207,28 +190,29 @@ def attention_output(
     """o_proj over the kept heads only.
 
     heads_out: [T, local_heads * head_dim], the attention output of every head.
-    Returns (output [T, hidden], kept activations [T, K * head_dim] in ascending head order).
+    Returns (output [T, hidden], kept activations [T, K * head_dim], their
+    channels [K * head_dim]); the activations' columns are in slot order.
     """
     packed.load(kept_heads)
     kept_out = heads_out.index_select(1, packed.slot_rows)  # [T, K * hd], slot order
     output = row_parallel_output(o_proj, _pruned_linear(kept_out, packed.weight(0, rows_are_outputs=False)), correction)
-    return output, packed.in_unit_order(kept_out)
+    return output, kept_out, packed.slot_rows
 
 
 def gated_mlp(packed: PackedUnits, act_fn, down_proj, x: torch.Tensor, kept: torch.Tensor, correction=None):
     """LLaMA MLP on kept intermediate channels.
 
-    Returns (output [T, hidden], intermediate [T, K] in ascending channel order).
+    Returns (output [T, hidden], intermediate [T, K], its channels [K]), in slot order.
     """
     packed.load(kept)
     intermediate = act_fn(_pruned_linear(x, packed.weight(0, rows_are_outputs=True), _packed_bias(packed)))
     output = row_parallel_output(down_proj, _pruned_linear(intermediate, packed.weight(1, rows_are_outputs=False)), correction)
-    return output, packed.in_unit_order(intermediate)
+    return output, intermediate, packed.slot_rows
 
 
 def plain_mlp(packed: PackedUnits, act_fn, fc2, x: torch.Tensor, kept: torch.Tensor, correction=None):
-    """OPT MLP (fc1, activation, fc2) on kept channels: (output [T, hidden], intermediate [T, K])."""
+    """OPT MLP (fc1, activation, fc2) on kept channels: (output, intermediate, its channels), as gated_mlp."""
     packed.load(kept)
     intermediate = act_fn(_pruned_linear(x, packed.weight(0, rows_are_outputs=True), _packed_bias(packed)))
     output = row_parallel_output(fc2, _pruned_linear(intermediate, packed.weight(1, rows_are_outputs=False)), correction)
-    return output, packed.in_unit_order(intermediate)
+    return output, intermediate, packed.slot_rows

@@ -36,13 +36,15 @@ class BlockPruner:
         residual: torch.Tensor,
         probe: ProbeFn,
         dense: Callable[[], torch.Tensor],
-        pruned: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+        pruned: Callable[
+            [torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+        ],
     ) -> torch.Tensor:
         """The block's output: ``dense()`` or ``pruned(kept, correction)``, as the method decides.
 
         ``residual`` [T, hidden] is the residual stream entering the block;
-        ``pruned`` returns (output, output projection's kept input), which feeds
-        the method's update.
+        ``pruned`` returns (output, output projection's kept input, the input
+        channel of each of its columns), which feed the method's update.
         """
         batch = self.pruning.steps.batch
         # No metadata (warm-up, profiling): dense, which is also the memory worst case.
@@ -63,8 +65,8 @@ class BlockPruner:
             return dense()
         stats.pruned += 1
         stats.kept += kept.numel()
-        output, activations = pruned(kept, method.output_correction(self.block, kept))
-        method.update(self.block, batch, kept, activations)
+        output, activations, channels = pruned(kept, method.output_correction(self.block, kept))
+        method.update(self.block, batch, channels, activations)
         return output
 
 
@@ -205,6 +207,10 @@ class ProbePruning:
                 self.reporter.start()  # with the first real step, not in warm-up
             self.stats.begin_step(self.steps.batch.num_tokens)
 
+    def end_step(self) -> None:
+        if self.steps.batch is not None:
+            self.method.end_step(self.steps.batch)
+
     def metrics_snapshot(self) -> dict:
         """This worker's counters and history health (reads device values: not per step)."""
         sections = profiling.snapshot(reset=False) if profiling.ENABLED else None
@@ -240,9 +246,12 @@ class ProbePruningModelMixin:
     probe_pruning: ProbePruning | None
 
     def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
-        if self.probe_pruning is not None:
-            self.probe_pruning.begin_step(positions)
-        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if self.probe_pruning is None:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        self.probe_pruning.begin_step(positions)
+        hidden_states = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        self.probe_pruning.end_step()
+        return hidden_states
 
     def process_weights_after_loading(self) -> None:
         # vLLM's loader calls this once, after every layer's own post-load step.

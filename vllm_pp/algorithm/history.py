@@ -97,11 +97,10 @@ def ema_update_(
 ) -> Tensor:
     """EMA update of the history from one step's full inference (spec 2.4), in place.
 
-    history: ``[B, C]``; buckets: LongTensor ``[T]``, or the step's
-    :class:`StepRows` when the caller updates several blocks per step;
-    sq_activations: ``[T, K]`` squared inputs of the kept channels; kept:
-    LongTensor ``[K]`` (unique, any order, aligned with ``sq_activations``).
-    For every bucket b present in the step:
+    history: ``[B, C]`` (contiguous); buckets: LongTensor ``[T]``, or the
+    step's :class:`StepRows`; sq_activations: ``[T, K]`` squared inputs of the
+    kept channels; kept: LongTensor ``[K]`` (unique, any order, aligned with
+    ``sq_activations``). For every bucket b present in the step:
     ``history[b, kept] = m * history[b, kept] + (1 - m) * mean_{t in b} sq[t]``.
     Pruned channels are neither decayed nor refreshed. A row whose new value is
     not finite (in ``history``'s dtype) is left unchanged so NaN/inf never enter
@@ -111,26 +110,62 @@ def ema_update_(
     ``history``'s device: nothing here waits for the device, so a caller that
     accumulates the count reads it only when it reports it.
     """
+    rows = buckets if isinstance(buckets, StepRows) else step_rows(buckets)
+    layers = torch.zeros(1, dtype=torch.long, device=history.device)
+    return ema_update_layers_(
+        history.unsqueeze(0), layers, rows, sq_activations.unsqueeze(0), kept.unsqueeze(0), momentum
+    )
+
+
+def ema_update_layers_(
+    history: Tensor,
+    layers: Tensor,
+    rows: StepRows,
+    sq_activations: Tensor,
+    kept: Tensor,
+    momentum: float,
+) -> Tensor:
+    """:func:`ema_update_` of N blocks at once, each with its own kept channels.
+
+    history: ``[L, B, C]`` contiguous, the histories of L blocks of one width;
+    layers: LongTensor ``[N]``, the distinct blocks updated; sq_activations:
+    ``[N, T, K]``; kept: LongTensor ``[N, K]``. Block ``layers[n]`` is updated
+    exactly as ``ema_update_(history[layers[n]], rows, sq_activations[n],
+    kept[n], momentum)`` would, in a fixed number of tensor operations however
+    many blocks there are (on the CPU each operation costs microseconds of
+    overhead, which a per-block update pays ~15 times per block and step).
+    Returns the number of (block, row) pairs skipped.
+    """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    rows = buckets if isinstance(buckets, StepRows) else step_rows(buckets)
-    if sq_activations.shape != (rows.inverse.numel(), kept.numel()):
+    num_blocks, num_buckets, width = history.shape
+    n, k = kept.shape
+    if sq_activations.shape != (n, rows.inverse.numel(), k) or layers.shape != (n,):
         raise ValueError(
             f"sq_activations {tuple(sq_activations.shape)} != "
-            f"(T={rows.inverse.numel()}, K={kept.numel()})"
+            f"(N={layers.numel()}, T={rows.inverse.numel()}, K={k})"
         )
+    if not history.is_contiguous():
+        raise ValueError("history must be contiguous: it is updated through a flat view")
     # Work on the present rows only: with per-position history B can be 1024
     # while a decode-heavy step touches a handful of buckets.
-    sums = torch.zeros(rows.rows.numel(), kept.numel(), dtype=torch.float32, device=history.device)
-    sums.index_add_(0, rows.inverse, sq_activations.float())
-    present = history.index_select(0, rows.rows)  # [R, C]
-    old = present.index_select(1, kept).float()  # [R, K]
+    r = rows.rows.numel()
+    sums = torch.zeros(n, r, k, dtype=torch.float32, device=history.device)
+    sums.index_add_(1, rows.inverse, sq_activations.float())
+    # Row (layers[i], rows[j]) of the flat [L * B, C] history.
+    flat_rows = (layers.unsqueeze(1) * num_buckets + rows.rows.unsqueeze(0)).view(-1)  # [N * R]
+    flat = history.view(num_blocks * num_buckets, width)
+    present = flat.index_select(0, flat_rows).view(n, r, width)  # [N, R, C]
+    columns = kept.unsqueeze(1).expand(n, r, k)
+    old = present.gather(2, columns).float()  # [N, R, K]
     new = torch.lerp(old, sums / rows.counts, 1.0 - momentum).to(history.dtype)
     # A non-finite row keeps its old values (written back unchanged), which
-    # avoids a data-dependent selection of the finite rows.
-    finite = torch.isfinite(new).all(dim=1, keepdim=True)  # [R, 1]
-    present.index_copy_(1, kept, torch.where(finite, new, old.to(history.dtype)))
-    history.index_copy_(0, rows.rows, present)
+    # avoids a data-dependent selection of the finite rows. A row's float32
+    # sum is finite exactly when its values are (K values of at most ~1e34
+    # each cannot overflow it; squared activations stay far below that).
+    finite = new.sum(dim=2, keepdim=True, dtype=torch.float32).isfinite()  # [N, R, 1]
+    present.scatter_(2, columns, torch.where(finite, new, old.to(history.dtype)))
+    flat.index_copy_(0, flat_rows, present.view(n * r, width))
     return (~finite).sum()
 
 

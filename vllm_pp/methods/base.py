@@ -10,8 +10,12 @@ Lifecycle of a method object (one per model instance, i.e. per worker):
 3. ``decide(block, batch, residual, probe)``: every step, for every pruned block.
    Returns the kept units (heads for attention, channels for MLP) as ascending
    local indices, or None to run the block dense.
-4. ``update(block, batch, kept, activations)``: right after the block ran on the
-   kept weights, with the output projection's input for the kept channels.
+4. ``update(block, batch, channels, activations)``: right after the block ran
+   on the kept weights, with the output projection's input of the kept
+   channels (``activations[:, j]`` is channel ``channels[j]``, in any order;
+   both stay valid until the block's next step).
+5. ``end_step(batch)``: once the model's forward pass is over, for work the
+   method defers to the end of the step (PP batches its history updates).
 
 ``output_correction(block, kept)`` may add a per-block term to the output
 projection's partial sum (FLAP's bias compensation).
@@ -21,7 +25,7 @@ A method that learns while serving (PP's history) persists it with
 ``load_history(tensors)`` right after ``prepare`` and ``history_tensors()`` at
 clean shutdown (see vllm_pp/history_store.py).
 
-The model code calls these four and never branches on the method.
+The model code calls these and never branches on the method.
 """
 
 from __future__ import annotations
@@ -100,9 +104,12 @@ class PruningMethod:
         self,
         block: PrunableBlock,
         batch: StepBatch,
-        kept: torch.Tensor,  # [K] kept units
-        activations: torch.Tensor,  # [num_tokens, K * head_dim]
+        channels: torch.Tensor,  # [K * head_dim] output projection input channels, any order
+        activations: torch.Tensor,  # [num_tokens, K * head_dim], columns as channels
     ) -> None:
+        pass
+
+    def end_step(self, batch: StepBatch) -> None:
         pass
 
     def output_correction(self, block: PrunableBlock, kept: torch.Tensor) -> torch.Tensor | None:

@@ -33,10 +33,12 @@ class CalibrationRecorder(PruningMethod):
     def decide(self, block, batch, residual, probe):
         return torch.arange(block.num_units, device=residual.device)
 
-    def update(self, block, batch, kept, activations) -> None:
+    def update(self, block, batch, channels, activations) -> None:
         positions = batch.positions[: batch.num_tokens].long()
         inside = positions < self.max_positions  # longer sequences are not recorded
-        self.moments[block].update(activations[: batch.num_tokens][inside], positions[inside])
+        # Every channel is kept; put the columns in channel order.
+        in_order = activations[: batch.num_tokens].index_select(1, channels.argsort())
+        self.moments[block].update(in_order[inside], positions[inside])
 
     def export(self) -> dict[str, torch.Tensor]:
         """This rank's statistics under their file names."""

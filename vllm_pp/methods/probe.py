@@ -13,7 +13,9 @@ docs/design.md):
 4. score heads/channels with PPsp and keep the top ones, with the paper's
    per-layer ratio and the kept MLP count rounded to ``channel_multiple``;
 5. after the block ran on the kept weights, update the kept channels' history
-   by EMA from the full step.
+   by EMA from the full step (deferred to the end of the step and batched over
+   blocks, which gives the same history: a block's history is read only by its
+   own next decision).
 
 With ``reuse_decode_steps`` N > 0, steps 1-4 are skipped at up to N decode-only
 steps that follow a decision and hold the same requests: the block keeps the
@@ -31,7 +33,7 @@ import torch
 
 from vllm_pp.algorithm.history import (
     StepRows,
-    ema_update_,
+    ema_update_layers_,
     fuse_probe_with_history,
     position_buckets,
     step_rows,
@@ -45,7 +47,6 @@ from vllm_pp.algorithm.probe import (
 )
 from vllm_pp.algorithm.scores import attention_head_scores, channel_weight_norm, mlp_channel_scores
 from vllm_pp.algorithm.selection import (
-    kept_heads_to_channels,
     layer_ratio,
     num_kept_channels,
     num_kept_heads,
@@ -57,6 +58,10 @@ from vllm_pp.methods.calibration import load_calibration
 from vllm_pp.profiling import timed
 from vllm_pp.statistics import tensor_name
 from vllm_pp.step import StepBatch
+
+
+# Activations one step's deferred EMA updates may hold before they run.
+PENDING_UPDATE_BYTES = 32 * 2**20
 
 
 def kept_unit_count(block: PrunableBlock, ratio: float, channel_multiple: int) -> int:
@@ -88,10 +93,24 @@ class ProbePruningMethod(PruningMethod):
         self.bucket_size = config.history.position_bucket_size or worker.max_model_len
         self.num_buckets = math.ceil(worker.max_model_len / self.bucket_size)
         # history[block]: [num_buckets, width] running E[x^2] of the output
-        # projection's input; allocated now so vLLM's memory profile sees it.
-        self.history = {
-            b: torch.zeros(self.num_buckets, b.width, dtype=torch.float32) for b in blocks
+        # projection's input, a view of its kind's [blocks, num_buckets, width]
+        # tensor so one step's EMA updates run as one batched update per kind;
+        # allocated now so vLLM's memory profile sees it.
+        groups: dict[tuple[str, int], list[PrunableBlock]] = {}  # (kind, width) -> blocks
+        for block in blocks:
+            groups.setdefault((block.kind, block.width), []).append(block)
+        self._history_groups = {
+            group: torch.zeros(len(members), self.num_buckets, group[1], dtype=torch.float32)
+            for group, members in groups.items()
         }
+        self._history_slot = {
+            block: (group, slot) for group, members in groups.items()
+            for slot, block in enumerate(members)
+        }
+        self.history = {
+            b: self._history_groups[group][slot] for b, (group, slot) in self._history_slot.items()
+        }
+        self._pending = _PendingUpdates()
         self.weight_norms: dict[PrunableBlock, torch.Tensor] = {}
         # Accumulated on the history's device; read only by skipped_history_rows.
         self._skipped_rows = torch.zeros((), dtype=torch.int64)
@@ -122,17 +141,24 @@ class ProbePruningMethod(PruningMethod):
         self._last_kept[block] = kept
         return kept
 
+    def update(self, block, batch: StepBatch, channels, activations) -> None:
+        # Deferred to end_step: a block's history is read only by its own next
+        # decision, so updating all blocks at once changes no result.
+        self._pending.add(self._history_slot[block], channels, activations[: batch.num_tokens])
+        if self._pending.num_bytes > PENDING_UPDATE_BYTES:
+            self.end_step(batch)
+
     @timed("history update")
-    def update(self, block, batch: StepBatch, kept, activations) -> None:
-        step = self._step_state(batch)
-        channels = kept if block.head_dim == 1 else kept_heads_to_channels(kept, block.head_dim)
-        self._skipped_rows += ema_update_(
-            self.history[block],
-            step.rows,
-            activations[: batch.num_tokens].float().square(),
-            channels,
-            self.config.history.ema_momentum,
-        )
+    def end_step(self, batch: StepBatch) -> None:
+        for (group, _), (slots, channels, activations) in self._pending.drain():
+            self._skipped_rows += ema_update_layers_(
+                self._history_groups[group],
+                torch.tensor(slots, device=channels.device),
+                self._step_state(batch).rows,
+                activations.float().square(),
+                channels,
+                self.config.history.ema_momentum,
+            )
 
     def _step_state(self, batch: StepBatch) -> _StepState:
         """The state shared by this step's blocks, built by the first block that asks."""
@@ -207,8 +233,9 @@ class ProbePruningMethod(PruningMethod):
 
     def history_tensors(self) -> dict[str, torch.Tensor]:
         rank = self.worker.tp_rank
+        # Copies: views of one tensor would share storage in the saved file.
         return {
-            tensor_name(b.layer_index, b.kind, rank, "history"): rows
+            tensor_name(b.layer_index, b.kind, rank, "history"): rows.clone()
             for b, rows in self.history.items()
         }
 
@@ -224,6 +251,33 @@ class ProbePruningMethod(PruningMethod):
                 )
         for block, rows in self.history.items():
             rows.copy_(tensors[f"layers.{block.layer_index}.{block.kind}.history"])
+
+
+class _PendingUpdates:
+    """One step's EMA updates, held until :meth:`ProbePruningMethod.end_step`.
+
+    Entries are grouped by (history group, kept width) so each group stacks
+    into one batched update. Holding the activations keeps them alive past
+    their block, so their total size is bounded (``PENDING_UPDATE_BYTES``).
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+        self.num_bytes = 0
+
+    def add(self, slot: tuple[tuple[str, int], int], channels: torch.Tensor, activations: torch.Tensor):
+        group, index = slot
+        # channels may be the block's live slot map (execution.PackedUnits),
+        # which changes only at the block's next step: drain() copies it first.
+        self._groups.setdefault((group, channels.numel()), []).append((index, channels, activations))
+        self.num_bytes += activations.numel() * activations.element_size()
+
+    def drain(self):
+        """Yield ``(key, (slots, channels [N, K], activations [N, T, K]))`` and empty the store."""
+        groups, self._groups, self.num_bytes = self._groups, {}, 0
+        for key, entries in groups.items():
+            slots, channels, activations = zip(*entries)
+            yield key, (list(slots), torch.stack(channels), torch.stack(activations))
 
 
 class FullBatchProbing(ProbePruningMethod):
