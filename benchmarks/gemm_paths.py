@@ -13,7 +13,15 @@ For a LLaMA MLP (gate_up [2I, H], down [H, I]) keeping 56% of the channels
 * ``packed oneDNN``: those GEMMs alone (a reused decision: nothing moves);
 * ``packed F.linear``: the same GEMMs through ``F.linear`` (MKL);
 * ``packed oneDNN prepacked``: through vLLM's prepacked oneDNN handler, and
-  ``oneDNN prepack``: what prepacking the packed rows costs once.
+  ``oneDNN prepack``: what prepacking the packed rows costs once;
+* ``MLP probe, 1 token``: what a deciding decode step adds, the probe token
+  through the whole gate_up (it reads every gate_up row however few tokens);
+* ``dense gate_up + packed down``: the alternative for small steps, one dense
+  gate_up for every token (the probe's rows would come from it) and down on
+  the kept columns;
+* ``packed, down [H, K] contiguous``: the packed GEMMs with down's kept
+  columns stored output-major (F.linear's layout) instead of as rows (the
+  layout that makes swaps row copies), to price the layout.
 
 One thread (a vLLM CPU worker on this 2-core machine computes on one core),
 float32. Variants are interleaved within each repeat.
@@ -85,6 +93,18 @@ def variants(hidden: int, width: int, tokens: int):
         gate_up_rows, down_rows = packed.weight(0, rows_are_outputs=True), packed.weight(1, rows_are_outputs=False)
         linear(act(linear(x, gate_up_rows)), down_rows)
 
+    down_output_major = packed.packed[1][0].t().contiguous()  # [H, K]
+
+    def packed_output_major():
+        linear(act(linear(x, packed.weight(0, rows_are_outputs=True))), down_output_major)
+
+    def probe_one_token():
+        linear(x[:1], gate_up)
+
+    def dense_gate_up_packed_down():
+        intermediate = act(linear(x, gate_up)).index_select(1, packed.slot_rows)
+        linear(intermediate, packed.weight(1, rows_are_outputs=False))
+
     def packed_mkl():
         torch.mm(act(F.linear(x, packed.packed[0].view(-1, hidden))), packed.packed[1][0])
 
@@ -107,6 +127,9 @@ def variants(hidden: int, width: int, tokens: int):
         "dense oneDNN": dense_onednn, "gather + F.linear": gather, "swap 14% + oneDNN": swap,
         "packed oneDNN": packed_gemms, "packed F.linear": packed_mkl,
         "packed oneDNN prepacked": packed_onednn, "oneDNN prepack": prepack,
+        "MLP probe, 1 token": probe_one_token,
+        "dense gate_up + packed down": dense_gate_up_packed_down,
+        "packed, down [H, K] contiguous": packed_output_major,
     }
 
 
@@ -126,7 +149,7 @@ def measure(hidden: int, width: int, tokens: int, repeats: int) -> dict[str, flo
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--width", choices=list(WIDTHS), default="7b")
-    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 8, 64, 512, 2048])
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 4, 8, 16, 64, 512])
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
