@@ -363,17 +363,20 @@ def plot(results: dict, out: Path) -> None:
 
     workloads = list(results["throughput"])
     names = [n for n in results["engines"] if n != "vanilla"]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(workloads) * max(1, len(names)) / 3, 4))
+    fig, ax = plt.subplots(figsize=(3.6 + 1.6 * len(workloads) * max(1, len(names)) / 3, 4))
     width = 0.8 / max(1, len(names))
     for i, name in enumerate(names):
         values = [results["throughput"][w]["engines"].get(name, {}).get("vs_vanilla", float("nan"))
                   for w in workloads]
+        label = name
+        if name.startswith("pp-") and name != "pp-0.4-every-step" and results.get("reuse_decode_steps"):
+            label += f" (reuse_decode_steps {results['reuse_decode_steps']})"
         bars = ax.bar([j - 0.4 + (i + 0.5) * width for j in range(len(workloads))], values,
-                      width=width, label=name)
+                      width=width, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8, label="vanilla vLLM")
     ax.axhline(1.30, color="tab:red", linestyle=":", linewidth=0.8, label="target PP 0.4 prefill")
-    ax.set_xticks(range(len(workloads)), workloads)
+    ax.set_xticks(range(len(workloads)), workloads, fontsize=8)
     ax.set_ylabel("throughput / vanilla vLLM (higher is faster)")
     ax.set_title(f"{results['model_name']}, float32, CPU ({results['mode']})")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
