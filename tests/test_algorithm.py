@@ -9,9 +9,9 @@ from vllm_pp.algorithm.history import (
     CalibrationMoments,
     ema_update_,
     ema_update_layers_,
-    step_rows,
     fuse_probe_with_history,
     position_buckets,
+    step_rows,
     unfused_statistic,
 )
 from vllm_pp.algorithm.probe import (
