@@ -571,7 +571,9 @@ def test_pp_history_update_skips_and_counts_non_finite_rows():
 
 
 @pytest.mark.parametrize("pending_limit", [None, 1])
-def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(monkeypatch, pending_limit):
+def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(
+    monkeypatch, tmp_path, pending_limit
+):
     """Batched at end_step (or whenever the pending activations pass the limit) as per block."""
     from vllm_pp.config import ProbePruningConfig
     from vllm_pp.methods import probe as probe_module
@@ -598,9 +600,14 @@ def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(monkey
     method.end_step(batch)
     for block in blocks:
         torch.testing.assert_close(method.history[block], reference[block], rtol=0, atol=0)
-    # The saved history is one tensor per block, not views of a shared one.
-    saved = method.history_tensors()
-    assert len({t.data_ptr() for t in saved.values()}) == len(blocks) == len(saved)
+    # Each block's history is a view of one stacked tensor; a shard saves and reloads them all.
+    from vllm_pp.history_store import load_history_shard, save_history_shard
+
+    save_history_shard(tmp_path, method.worker, method.history_tensors(), method.history_layout())
+    saved = load_history_shard(tmp_path, method.worker, method.history_layout())
+    for block in blocks:
+        assert torch.equal(saved[f"layers.{block.layer_index}.{block.kind}.history"],
+                           method.history[block])
 
 
 def test_pp_decision_with_overflowed_probe_is_finite_and_deterministic():

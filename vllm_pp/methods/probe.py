@@ -233,9 +233,8 @@ class ProbePruningMethod(PruningMethod):
 
     def history_tensors(self) -> dict[str, torch.Tensor]:
         rank = self.worker.tp_rank
-        # Copies: views of one tensor would share storage in the saved file.
         return {
-            tensor_name(b.layer_index, b.kind, rank, "history"): rows.clone()
+            tensor_name(b.layer_index, b.kind, rank, "history"): rows
             for b, rows in self.history.items()
         }
 
