@@ -94,6 +94,11 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
             "pp-0.4-every-step", flags=("--pp-ratio", "0.4", *common),
             probe_pruning={"reuse_decode_steps": 0},
         ),
+        # Attention of every head, as before kept-head attention (docs/design.md).
+        "pp-0.4-all-heads": Engine(
+            "pp-0.4-all-heads", flags=("--pp-ratio", "0.4", *common),
+            probe_pruning={**pp, "attention_heads": "all"},
+        ),
         "flap-0.4": Engine("flap-0.4", flags=("--pp-ratio", "0.4", "--pp-method", "flap", *common)),
         "wanda-sp-0.4": Engine(
             "wanda-sp-0.4", flags=("--pp-ratio", "0.4", "--pp-method", "wanda-sp", *common)
@@ -102,6 +107,8 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
 
 
 ALL_ENGINES = ("vanilla", "ratio-0", "pp-0.2", "pp-0.4", "pp-0.4-every-step", "flap-0.4", "wanda-sp-0.4")
+# Not run by default; for side-by-side runs with --engines.
+EXTRA_ENGINES = ("pp-0.4-all-heads",)
 
 SETUPS = {
     "smollm2": ModelSetup(
@@ -408,7 +415,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(SETUPS))
     parser.add_argument("--quick", action="store_true", help="a short smoke run (fewer engines and tokens)")
-    parser.add_argument("--engines", nargs="*", choices=ALL_ENGINES, help="override the engine list")
+    parser.add_argument("--engines", nargs="*", choices=ALL_ENGINES + EXTRA_ENGINES,
+                        help="override the engine list")
     parser.add_argument("--workloads", nargs="*", help="run only these workloads")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--reuse-decode-steps", type=int, default=None,

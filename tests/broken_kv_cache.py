@@ -7,6 +7,7 @@ Only for MHA LLaMA (KV head h serves query head h).
 """
 
 import torch
+from vllm_pp.attention import AllHeadsAttention
 from vllm_pp.execution import attention_output
 from vllm_pp.models.llama import ProbePruningLlamaDecoderLayer, ProbePruningLlamaForCausalLM
 
@@ -23,7 +24,7 @@ class _SkipPrunedHeadsKVLayer(ProbePruningLlamaDecoderLayer):
         pruned[kept] = False
         mask = (~pruned).repeat_interleave(attn.head_dim).to(k.dtype)
         heads_out = attn.attn(q, k * mask, v * mask)
-        output, _, _ = attention_output(self.packed_o_proj, attn.o_proj, heads_out, kept)
+        output, _, _ = attention_output(self.packed_o_proj, attn.o_proj, AllHeadsAttention(heads_out), kept)
         return output
 
 

@@ -37,6 +37,8 @@ def test_round_trip():
     ({"skip_layers": [-1]}, "probe_pruning.skip_layers=[-1] is invalid"),
     ({"channel_multiple": 0}, "probe_pruning.channel_multiple=0 is invalid"),
     ({"ratios": 0.4}, "probe_pruning.ratios is not a setting"),
+    ({"attention_heads": "some"},
+     "probe_pruning.attention_heads='some' is invalid: expected one of auto, kept, all"),
 ])
 def test_bad_values_name_the_value_and_the_range(raw, message):
     with pytest.raises(ProbePruningConfigError) as err:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_pp import execution
+from vllm_pp.attention import AllHeadsAttention
 
 
 def _row_parallel(weight: torch.Tensor, bias=None):
@@ -82,7 +83,9 @@ def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
         assert sorted(channels.tolist()) == kept.tolist()
         torch.testing.assert_close(intermediate, full[:, channels])
 
-        output, kept_out, channels = execution.attention_output(attention, o_proj, heads_out, kept_heads)
+        output, kept_out, channels = execution.attention_output(
+            attention, o_proj, AllHeadsAttention(heads_out), kept_heads
+        )
         kept_channels = execution.kept_heads_to_channels(kept_heads, head_dim)
         torch.testing.assert_close(output, heads_out[:, kept_channels] @ dense_o[:, kept_channels].t())
         assert sorted(channels.tolist()) == kept_channels.tolist()

@@ -25,13 +25,14 @@ PROMPTS = [  # token ids; distinct lengths identify the requests in the schedule
 DECODE_STEPS = 8
 
 
-def _config(schedule_log):
+def _config(schedule_log, attention_heads="auto"):
     return {
         "probe_pruning": {
             "ratio": 0.5,
             "method": "selection_hooks:FixedSelection",
             "method_options": {"seed": SEED, "fraction": FRACTION, "schedule_log": str(schedule_log)},
             "skip_layers": SKIP,
+            "attention_heads": attention_heads,
         }
     }
 
@@ -74,16 +75,19 @@ def _replay(reference: ReferenceModel, tp_size: int, schedule: list[dict]):
     return prompt_logprobs, tokens
 
 
+# attention_heads "auto" (the CPU default) attends on the kept heads at prefill
+# steps and on every head at decode steps; "all" on every head at every step.
 @pytest.fixture(scope="module", params=[
-    ("llama-mha", 1), ("llama-gqa", 1), ("opt", 1), ("llama-gqa", 2), ("opt", 2), ("llama-mha", 2),
-], ids=lambda p: f"{p[0]}-tp{p[1]}")
+    ("llama-mha", 1, "auto"), ("llama-gqa", 1, "auto"), ("opt", 1, "auto"), ("llama-gqa", 2, "auto"),
+    ("opt", 2, "auto"), ("llama-mha", 2, "auto"), ("llama-gqa", 1, "all"),
+], ids=lambda p: f"{p[0]}-tp{p[1]}-{p[2]}")
 def pruned_run(request, random_models, tmp_path_factory):
-    family, tp_size = request.param
+    family, tp_size, attention_heads = request.param
     path = random_models[family]
     schedule_log = tmp_path_factory.mktemp("schedule") / "steps.jsonl"
     with vllm_engine(
         path, tensor_parallel_size=tp_size, in_process=True,
-        additional_config=_config(schedule_log),
+        additional_config=_config(schedule_log, attention_heads),
     ) as llm:
         got = vllm_generate(llm, PROMPTS, DECODE_STEPS)
     schedule = [json.loads(line) for line in schedule_log.read_text().splitlines()]

@@ -33,6 +33,7 @@ def test_step_view_of_a_mixed_step():
 
 def test_attention_probe_rows_exact_or_among_probe_tokens():
     """ProbePruning.attention_probe wires q/k/v, positions and requests into the probe."""
+    from vllm_pp.attention import AllHeadsAttention
     from vllm_pp.config import ProbePruningConfig
     from vllm_pp.pruning import ProbePruning
 
@@ -61,7 +62,7 @@ def test_attention_probe_rows_exact_or_among_probe_tokens():
             config=ProbePruningConfig.from_dict({"ratio": 0.4, "probe": {"attention": attention}}),
             steps=tracker,
         )
-        return ProbePruning.attention_probe(state, heads_out, q, k, v, num_kv_heads=2, head_dim=8, scale=0.5)
+        return ProbePruning.attention_probe(state, AllHeadsAttention(heads_out), q, k, v, num_kv_heads=2, head_dim=8, scale=0.5)
 
     rows = torch.tensor([1, 2, 5])
     assert torch.equal(probe("exact")(rows), heads_out[rows])

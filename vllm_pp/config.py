@@ -27,6 +27,7 @@ RECORDING_METHODS = ("calibration",)
 PROBE_SELECTIONS = ("tokens", "requests")
 PROBE_ATTENTIONS = ("exact", "probe-only")
 HISTORY_FUSIONS = ("importance-scaled", "probe-only", "history-only")
+ATTENTION_HEADS = ("auto", "kept", "all")
 
 # The paper never prunes the first three decoder layers (spec 3.6).
 DEFAULT_SKIP_LAYERS = (0, 1, 2)
@@ -166,6 +167,13 @@ class ProbePruningConfig:
     # steps of the same requests (bounded staleness); 0 decides at every step,
     # as the paper does.
     reuse_decode_steps: int = 0
+    # Which query heads a pruned attention block runs the attention kernel on
+    # (docs/design.md, "Attention on the kept heads"): "kept" only the kept
+    # heads, at every step (vLLM's CPU attention backend); "all" every head
+    # (any backend); "auto" the kept heads at steps that prefill where the
+    # backend allows it, every head otherwise. The KV cache is written for
+    # every head either way.
+    attention_heads: str = "auto"
 
     def __post_init__(self) -> None:
         _number("ratio", self.ratio, 0.0, 1.0, high_open=True)
@@ -191,6 +199,7 @@ class ProbePruningConfig:
         object.__setattr__(self, "skip_layers", tuple(sorted(set(skip))))
         _positive_int("channel_multiple", self.channel_multiple)
         _non_negative_int("reuse_decode_steps", self.reuse_decode_steps)
+        _one_of("attention_heads", self.attention_heads, ATTENTION_HEADS)
 
     @property
     def enabled(self) -> bool:

@@ -4,7 +4,7 @@ Each pruned block keeps its kept units' weight rows packed in a
 :class:`PackedUnits`, whose slots persist across steps, and runs its output
 projection (and for MLPs its input projection) on the packed rows, mirroring
 what vLLM's parallel linears do around the GEMM (bias once, all-reduce across
-TP ranks). Nothing here touches attention or the KV cache.
+TP ranks). Attention itself and the KV cache are vllm_pp/attention.py's.
 
 Why packed slots rather than gathering the kept rows every step: at 7B widths
 a per-step ``index_select`` of the kept weights costs as much as the dense
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_pp.algorithm.selection import kept_heads_to_channels
+from vllm_pp.attention import StepAttention
 from vllm_pp.profiling import timed
 from vllm_pp.vllm_compat import all_reduce_row_parallel
 
@@ -185,16 +186,17 @@ def row_parallel_output(linear, partial: torch.Tensor, correction: torch.Tensor 
 
 
 def attention_output(
-    packed: PackedUnits, o_proj, heads_out: torch.Tensor, kept_heads: torch.Tensor, correction=None
+    packed: PackedUnits, o_proj, heads: StepAttention, kept_heads: torch.Tensor, correction=None
 ):
     """o_proj over the kept heads only.
 
-    heads_out: [T, local_heads * head_dim], the attention output of every head.
-    Returns (output [T, hidden], kept activations [T, K * head_dim], their
-    channels [K * head_dim]); the activations' columns are in slot order.
+    heads: the step's attention (vllm_pp/attention.py), asked for the kept
+    heads' output only. Returns (output [T, hidden], kept activations
+    [T, K * head_dim], their channels [K * head_dim]); the activations'
+    columns are in slot order.
     """
     packed.load(kept_heads)
-    kept_out = heads_out.index_select(1, packed.slot_rows)  # [T, K * hd], slot order
+    kept_out = heads.heads(packed.slot_units, packed.slot_rows)  # [T, K * hd], slot order
     output = row_parallel_output(o_proj, _pruned_linear(kept_out, packed.weight(0, rows_are_outputs=False)), correction)
     return output, kept_out, packed.slot_rows
 

@@ -10,14 +10,19 @@ from vllm.logger import init_logger
 
 from vllm_pp import profiling
 from vllm_pp.algorithm.probe import probe_only_attention
+from vllm_pp.attention import Schedules, StepAttention, attend_every_head, attend_kept_heads
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
 from vllm_pp.history_store import load_history_shard, save_history_shard, shard_path
 from vllm_pp.methods import build_method
 from vllm_pp.methods.base import PrunableBlock, ProbeFn, PruningMethod, WorkerInfo
 from vllm_pp.metrics import PruningStats, Reporter, build_snapshot, history_health
 from vllm_pp.statistics import model_identity
-from vllm_pp.step import StepTracker
-from vllm_pp.vllm_compat import check_vllm_version, step_attention_metadata
+from vllm_pp.step import StepBatch, StepTracker
+from vllm_pp.vllm_compat import (
+    check_vllm_version,
+    kept_head_attention_unsupported,
+    step_attention_metadata,
+)
 
 # vLLM attaches its log handler to the "vllm" logger tree only.
 logger = init_logger("vllm.probe_pruning")
@@ -102,7 +107,9 @@ class ProbePruning:
         self._history_health: tuple[int, dict] | None = None  # (steps, health)
         self.method: PruningMethod | None = None
         self._output_linears: dict[PrunableBlock, torch.nn.Module] = {}
-        self._attention_layer_name: str | None = None
+        self._attention: torch.nn.Module | None = None  # the first pruned layer's vLLM Attention
+        self.kept_head_attention = False  # set by build()
+        self._schedules = Schedules()
 
     @classmethod
     def from_vllm_config(cls, vllm_config) -> "ProbePruning | None":
@@ -118,25 +125,47 @@ class ProbePruning:
         return layer_index not in self.config.skip_layers
 
     def add_block(
-        self, block: PrunableBlock, output_linear: torch.nn.Module, attention_layer_name: str
+        self, block: PrunableBlock, output_linear: torch.nn.Module, attention: torch.nn.Module
     ) -> BlockPruner:
-        """Register a block; the returned pruner works once :meth:`build` has run."""
+        """Register a block of the layer whose vLLM Attention is ``attention``.
+
+        The returned pruner works once :meth:`build` has run.
+        """
         self._output_linears[block] = output_linear
-        self._attention_layer_name = self._attention_layer_name or attention_layer_name
+        self._attention = self._attention or attention
         return BlockPruner(block, self)
 
+    def attend(self, attention: torch.nn.Module, q, k, v) -> StepAttention:
+        """A pruned layer's attention at this step (q, k, v after rotary).
+
+        The KV cache of every head is written now; with kept-head attention
+        the kernel runs later, on the heads the block asks for.
+        """
+        batch = self.steps.batch
+        if batch is not None and self._attends_kept_heads(batch):
+            return attend_kept_heads(attention, q, k, v, batch, self._schedules)
+        return attend_every_head(attention, q, k, v)
+
+    def _attends_kept_heads(self, batch: StepBatch) -> bool:
+        # "auto": steps that prefill only. A decode token's attention is short
+        # and, with GQA, reads every KV head anyway; the probe's own kernel call
+        # costs more than the pruned heads save (docs/design.md).
+        if not self.kept_head_attention:
+            return False
+        return self.config.attention_heads == "kept" or not batch.is_decode_only
+
     def attention_probe(
-        self, heads_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        self, heads: StepAttention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         *, num_kv_heads: int, head_dim: int, scale: float,
     ) -> ProbeFn:
         """The attention block's probe: rows of o_proj's input for probe token indices.
 
-        heads_out: ``[T, H * hd]`` the step's attention output; q ``[T, H * hd]``,
-        k and v ``[T, KV * hd]`` after rotary (used by ``probe.attention``
+        heads: the step's attention (:meth:`attend`); q ``[T, H * hd]``, k and
+        v ``[T, KV * hd]`` after rotary (used by ``probe.attention``
         "probe-only" only).
         """
         if self.config.probe.attention == "exact":
-            return lambda rows: heads_out.index_select(0, rows)
+            return heads.probe_rows
         batch = self.steps.batch
 
         def probe_only(rows: torch.Tensor) -> torch.Tensor:
@@ -148,7 +177,7 @@ class ProbePruning:
                 batch.positions.index_select(0, rows),
                 batch.request_of_token.index_select(0, rows),
                 scale,
-            ).to(heads_out.dtype)
+            ).to(q.dtype)
 
         return probe_only
 
@@ -157,6 +186,24 @@ class ProbePruning:
         self.method = build_method(
             self.config, list(self._output_linears), self.worker
         )
+        self.kept_head_attention = self._choose_attention_heads()
+
+    def _choose_attention_heads(self) -> bool:
+        """Whether pruned blocks attend on their kept heads only (``attention_heads``)."""
+        setting = self.config.attention_heads
+        unsupported = kept_head_attention_unsupported(self._attention) if self._attention else "no layer"
+        if setting == "kept" and unsupported:
+            raise ProbePruningConfigError(
+                f"probe_pruning.attention_heads='kept' is invalid here: {unsupported}; "
+                "expected 'auto' or 'all'"
+            )
+        kept = setting != "all" and unsupported is None
+        logger.info(
+            "Probe pruning attention (rank %d): %s", self.worker.tp_rank,
+            f"on the kept heads only ({'every step' if setting == 'kept' else 'steps that prefill'})"
+            if kept else f"on every head ({unsupported or 'attention_heads=all'})",
+        )
+        return kept
 
     def prepare(self) -> None:
         """After weights load: hand the method the weights, then load the saved history."""
@@ -201,7 +248,7 @@ class ProbePruning:
         return layout
 
     def begin_step(self, positions: torch.Tensor) -> None:
-        self.steps.begin(step_attention_metadata(self._attention_layer_name), positions)
+        self.steps.begin(step_attention_metadata(self._attention.layer_name), positions)
         if self.steps.batch is not None:
             if self.stats.steps == 0:
                 self.reporter.start()  # with the first real step, not in warm-up

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -46,13 +47,19 @@ class StepBatch:
     def is_decode(self) -> torch.Tensor:  # [num_requests] bool
         return self.query_lens == 1
 
-    @property
+    # Computed once per step (cached on the instance), read by every layer.
+    @functools.cached_property
     def request_of_token(self) -> torch.Tensor:  # [num_tokens] int64
         return torch.repeat_interleave(
             torch.arange(self.num_requests, device=self.query_start_loc.device),
             self.query_lens,
             output_size=self.num_tokens,
         )
+
+    @functools.cached_property
+    def token_seq_lens(self) -> torch.Tensor:  # [num_tokens] int32
+        """Each token's sequence length up to and including it (its KV-cache context)."""
+        return (self.positions + 1).to(torch.int32)
 
 
 class StepTracker:

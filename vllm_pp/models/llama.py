@@ -15,6 +15,7 @@ from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 
 from vllm_pp import execution
+from vllm_pp.attention import StepAttention
 from vllm_pp.methods.base import PrunableBlock
 from vllm_pp.profiling import timed
 from vllm_pp.pruning import ProbePruning, ProbePruningModelMixin
@@ -28,13 +29,10 @@ def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 
 @timed("attention")
-def _attend(attn, positions: torch.Tensor, q, k, v) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotary, KV-cache write and attention of every head.
-
-    Returns the attention output [T, local_heads * head_dim] and q, k after rotary.
-    """
+def _attend(attn, pruning: ProbePruning, positions: torch.Tensor, q, k, v) -> tuple[StepAttention, torch.Tensor, torch.Tensor]:
+    """Rotary and KV-cache write of every head; the step's attention, and q, k after rotary."""
     q, k = attn.rotary_emb(positions, q, k)
-    return attn.attn(q, k, v), q, k
+    return pruning.attend(attn.attn, q, k, v), q, k
 
 
 class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
@@ -49,12 +47,12 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
         self.attention_pruner = pruning.add_block(
             PrunableBlock(layer_index, "attention", attn.q_size, attn.head_dim),
             attn.o_proj,
-            attn.attn.layer_name,
+            attn.attn,
         )
         self.mlp_pruner = pruning.add_block(
             PrunableBlock(layer_index, "mlp", mlp.down_proj.input_size_per_partition),
             mlp.down_proj,
-            attn.attn.layer_name,
+            attn.attn,
         )
         self.packed_o_proj: execution.PackedUnits | None = None
         self.packed_mlp: execution.PackedUnits | None = None
@@ -87,19 +85,20 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
         self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor
     ) -> torch.Tensor:
         attn = self.self_attn
+        pruning = self.attention_pruner.pruning
         q, k, v = _qkv(attn, x)
-        # Every head attends and writes its K/V for every token, whatever is
-        # pruned below: a head kept at a later step must find its cache whole.
-        heads_out, q, k = _attend(attn, positions, q, k, v)  # [T, local_heads * head_dim]
+        # Every head writes its K/V for every token, whatever is pruned below:
+        # a head kept at a later step must find its cache whole.
+        heads, q, k = _attend(attn, pruning, positions, q, k, v)
         return self.attention_pruner.run(
             residual,
-            probe=self.attention_pruner.pruning.attention_probe(
-                heads_out, q, k, v,
+            probe=pruning.attention_probe(
+                heads, q, k, v,
                 num_kv_heads=attn.num_kv_heads, head_dim=attn.head_dim, scale=attn.scaling,
             ),
-            dense=lambda: attn.o_proj(heads_out)[0],
+            dense=lambda: attn.o_proj(heads.all_heads())[0],
             pruned=lambda kept, correction: execution.attention_output(
-                self.packed_o_proj, attn.o_proj, heads_out, kept, correction
+                self.packed_o_proj, attn.o_proj, heads, kept, correction
             ),
         )
 

@@ -14,6 +14,7 @@ from vllm.config import VllmConfig
 from vllm.model_executor.models.opt import OPTDecoderLayer, OPTForCausalLM
 
 from vllm_pp import execution
+from vllm_pp.attention import StepAttention
 from vllm_pp.methods.base import PrunableBlock
 from vllm_pp.profiling import timed
 from vllm_pp.pruning import ProbePruning, ProbePruningModelMixin
@@ -27,9 +28,9 @@ def _qkv(attn, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 @timed("attention")
-def _attend(attn, q, k, v) -> torch.Tensor:
-    """KV-cache write and attention of every head: [T, local_heads * head_dim]."""
-    return attn.attn(q, k, v)
+def _attend(attn, pruning: ProbePruning, q, k, v) -> StepAttention:
+    """KV-cache write of every head; the step's attention."""
+    return pruning.attend(attn.attn, q, k, v)
 
 
 class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
@@ -42,12 +43,12 @@ class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
         self.attention_pruner = pruning.add_block(
             PrunableBlock(layer_index, "attention", attn.num_heads * attn.head_dim, attn.head_dim),
             attn.out_proj,
-            attn.attn.layer_name,
+            attn.attn,
         )
         self.mlp_pruner = pruning.add_block(
             PrunableBlock(layer_index, "mlp", self.fc2.input_size_per_partition),
             self.fc2,
-            attn.attn.layer_name,
+            attn.attn,
         )
         self.packed_out_proj: execution.PackedUnits | None = None
         self.packed_mlp: execution.PackedUnits | None = None
@@ -74,18 +75,19 @@ class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
 
     def _attention_block(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         attn = self.self_attn
+        pruning = self.attention_pruner.pruning
         q, k, v = _qkv(attn, x)
-        # Every head attends and writes its K/V for every token (see llama.py).
-        heads_out = _attend(attn, q, k, v)  # [T, local_heads * head_dim]
+        # Every head writes its K/V for every token (see llama.py).
+        heads = _attend(attn, pruning, q, k, v)
         return self.attention_pruner.run(
             residual,
-            probe=self.attention_pruner.pruning.attention_probe(
-                heads_out, q, k, v,
+            probe=pruning.attention_probe(
+                heads, q, k, v,
                 num_kv_heads=attn.num_heads, head_dim=attn.head_dim, scale=attn.scaling,
             ),
-            dense=lambda: attn.out_proj(heads_out)[0],
+            dense=lambda: attn.out_proj(heads.all_heads())[0],
             pruned=lambda kept, correction: execution.attention_output(
-                self.packed_out_proj, attn.out_proj, heads_out, kept, correction
+                self.packed_out_proj, attn.out_proj, heads, kept, correction
             ),
         )
 
