@@ -427,6 +427,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse-decode-steps", type=int, default=None,
                         help="probe_pruning.reuse_decode_steps of the pp engines (default: the config's)")
     parser.add_argument("--breakdown", action="store_true", help="per-step cost shares instead of A/B runs")
+    parser.add_argument("--tag", help="appended to the results' file names, to keep several runs side by side")
     parser.add_argument("--plot", type=Path, help="only draw the plot and table of this results file")
     args = parser.parse_args(argv)
     if args.plot:
@@ -455,7 +456,7 @@ def main(argv=None) -> int:
     if reuse is None:
         reuse = ProbePruningConfig().reuse_decode_steps
     model, calibration = prepare_model(args.model)
-    suffix = "_quick" if args.quick else ""
+    suffix = ("_quick" if args.quick else "") + (f"_{args.tag}" if args.tag else "")
     started = time.monotonic()
     header = {
         "model": str(model), "model_name": args.model, "calibration": str(calibration),
