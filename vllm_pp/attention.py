@@ -73,8 +73,7 @@ class KeptHeadsAttention(StepAttention):
         self.batch = batch
         self.kernel = CpuPagedAttention(attention)
         self.schedules = schedules
-        self.head_dim = attention.head_size
-        self.q = q.view(q.shape[0], -1, self.head_dim)  # [T, H, hd]
+        self.q = q.view(q.shape[0], -1, attention.head_size)  # [T, H, hd]
         self.group_size = attention.num_heads // attention.num_kv_heads  # query heads per KV head
         self._all_heads: torch.Tensor | None = None
 
@@ -120,9 +119,7 @@ class KeptHeadsAttention(StepAttention):
                 query = self.q[:num_tokens].narrow(1, run[0], len(run))
             else:
                 query = self.q[:num_tokens].index_select(1, torch.tensor(run, device=heads.device))
-            schedule = self.schedules.get(
-                self.kernel, len(run), end - first, metadata.query_start_loc, metadata.seq_lens
-            )
+            schedule = self.schedules.get(self.kernel, len(run), end - first)
             outputs.append(self.kernel.run(
                 query, slice(first, end), metadata.query_start_loc, metadata.seq_lens,
                 metadata.block_table, schedule,
@@ -166,12 +163,13 @@ class Schedules:
         self._metadata = None
         self._by_heads: dict[tuple[int, int], torch.Tensor] = {}
 
-    def get(self, kernel: CpuPagedAttention, num_heads: int, num_kv_heads: int, query_start_loc, seq_lens):
-        if kernel.metadata is not self._metadata:  # a new step
-            self._metadata, self._by_heads = kernel.metadata, {}
+    def get(self, kernel: CpuPagedAttention, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+        metadata = kernel.metadata
+        if metadata is not self._metadata:  # a new step
+            self._metadata, self._by_heads = metadata, {}
         key = (num_heads, num_kv_heads)
         if key not in self._by_heads:
-            self._by_heads[key] = kernel.schedule(num_heads, num_kv_heads, query_start_loc, seq_lens)
+            self._by_heads[key] = kernel.schedule(num_heads, num_kv_heads, metadata.query_start_loc, metadata.seq_lens)
         return self._by_heads[key]
 
 
