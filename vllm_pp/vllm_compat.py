@@ -164,7 +164,8 @@ class CpuPagedAttention:
         """
         from vllm import _custom_ops as ops
 
-        output = torch.empty_like(query)
+        # Contiguous whatever the query's strides: the kernel writes it densely.
+        output = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         layer = self.layer
         ops.cpu_attention_with_kv_cache(
             query=query,
