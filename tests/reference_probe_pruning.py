@@ -108,6 +108,9 @@ class Settings:
     max_model_len: int = 512
     # Negative-control switch: fuse with an all-zero history (probe only).
     use_history: bool = True
+    # A decision stands for up to this many following decode-only steps with
+    # as many requests (probe_pruning.reuse_decode_steps).
+    reuse_decode_steps: int = 0
 
 
 @dataclass
@@ -129,6 +132,7 @@ class Run:
     prompt_logprobs: list[list[float]]
     tokens: list[tuple[list[int], list[float]]]
     decisions: dict[tuple[int, int, str], Decision] = field(default_factory=dict)
+    reused_steps: dict[int, int] = field(default_factory=dict)  # step key -> key of the decision it kept
 
 
 def _top(values: torch.Tensor, k: int) -> list[int]:
@@ -191,6 +195,14 @@ class ReferenceProbePruning:
     def _block(self, key, forced, decisions, layer, kind, residual, z, positions):
         if layer not in self.pruned_layers:
             return z
+        if key in self.reused_steps:
+            kept = self.last_kept[layer, kind]
+        else:
+            kept = self._decide(key, forced, decisions, layer, kind, residual, z, positions)
+        self.last_kept[layer, kind] = kept
+        return self._update_history(layer, kind, kept, z, positions)
+
+    def _decide(self, key, forced, decisions, layer, kind, residual, z, positions) -> list[int]:
         s = self.settings
         num_tokens = residual.shape[0]
         importance = residual.norm(dim=-1)
@@ -215,7 +227,14 @@ class ReferenceProbePruning:
         own_kept = _top(scores, self.kept_count[kind])
         kept = vllm["kept"] if vllm and "kept" in vllm else own_kept
         decisions[key, layer, kind] = Decision(importance, rows, own_rows, scores, kept, own_kept)
+        return kept
 
+    def _update_history(self, layer, kind, kept, z, positions) -> torch.Tensor:
+        """EMA of the kept channels from the full step, at every step; z with pruned channels zeroed."""
+        s = self.settings
+        num_tokens = z.shape[0]
+        history = self.history[layer, kind]
+        buckets = [self._bucket(int(p)) for p in positions]
         unit = self.head_dim if kind == "attention" else 1
         channels = [u * unit + j for u in kept for j in range(unit)]
         mask = torch.zeros(z.shape[1], dtype=torch.float64)
@@ -248,8 +267,31 @@ class ReferenceProbePruning:
         with single_thread():
             return self._run(prompts, steps, decode_steps, forced, forced_tokens)
 
+    def _reused_steps(self, steps) -> dict[int, int]:
+        """Steps that keep an earlier decision: step key -> key of the deciding step.
+
+        A decode-only step (every request one token) that follows the previous
+        step, holds as many requests as the last deciding step and comes at
+        most ``reuse_decode_steps`` steps after it.
+        """
+        reused, decided_at, requests, previous = {}, None, None, None
+        for key, segments in steps:
+            decode_only = all(length == 1 for _, _, length in segments)
+            if (
+                previous is not None and key == previous + 1 and decode_only
+                and len(segments) == requests
+                and key - decided_at <= self.settings.reuse_decode_steps
+            ):
+                reused[key] = decided_at
+            else:
+                decided_at, requests = key, len(segments)
+            previous = key
+        return reused
+
     def _run(self, prompts, steps, decode_steps, forced, forced_tokens) -> Run:
         self.reset()
+        self.reused_steps = self._reused_steps(steps)
+        self.last_kept = {}
         sequences = [list(p) + list(forced_tokens[r] if forced_tokens else []) for r, p in enumerate(prompts)]
         caches = [self.model.new_cache() for _ in prompts]
         logprobs = [[] for _ in prompts]
@@ -264,7 +306,7 @@ class ReferenceProbePruning:
                 logprobs[r].append(torch.log_softmax(logits, -1))
                 if forced_tokens is None and start + length >= len(sequences[r]):
                     sequences[r].append(int(logits[-1].argmax()))
-        run = Run([], [], decisions)
+        run = Run([], [], decisions, self.reused_steps)
         for prompt, sequence, parts in zip(prompts, sequences, logprobs):
             lp = torch.cat(parts)
             run.prompt_logprobs.append([lp[i, sequence[i + 1]].item() for i in range(len(prompt) - 1)])

@@ -40,6 +40,14 @@ DECODE_STEPS = 6
 # History bucket size per family: one row per position (the paper's), and
 # buckets of 4 positions, so count-weighted pooling of calibration rows runs.
 FAMILIES = {"llama-gqa": 1, "opt": 4}
+# The engines served: name -> (family, settings). The reuse engine lets decode
+# steps keep a decision made up to 2 steps before (reuse_decode_steps), which
+# the reference replays with its own reuse rule.
+SERVED = {
+    "llama-gqa": ("llama-gqa", {}),
+    "opt": ("opt", {}),
+    "llama-gqa-reuse-2": ("llama-gqa", {"reuse_decode_steps": 2}),
+}
 # Calibration windows of distinct lengths (unequal counts per position); the
 # longest prompt decodes past position 17, where only the fallback applies.
 CALIBRATION_LENGTHS = (18, 13, 9)
@@ -91,6 +99,7 @@ def _engine_config(settings: Settings, calibration, decision_log) -> dict:
             "calibration": str(calibration),
             "skip_layers": list(settings.skip_layers),
             "channel_multiple": settings.channel_multiple,
+            "reuse_decode_steps": settings.reuse_decode_steps,
         }
     }
 
@@ -111,7 +120,7 @@ def _steps(records: list[dict]) -> list[tuple[int, list[tuple[int, int, int]]]]:
 
 @dataclass
 class Served:
-    family: str
+    name: str  # the engine's name in SERVED
     settings: Settings
     model: ReferenceModel
     calibration: Path
@@ -131,12 +140,12 @@ class Served:
         return [ids for ids, _ in self.vllm[1]]
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
+@pytest.fixture(scope="module", params=list(SERVED))
 def served(request, random_models, tmp_path_factory) -> Served:
-    family = request.param
+    family, changes = SERVED[request.param]
     path = random_models[family]
-    tmp = tmp_path_factory.mktemp(f"pp-{family}")
-    settings = dataclasses.replace(SETTINGS, bucket_size=FAMILIES[family])
+    tmp = tmp_path_factory.mktemp(f"pp-{request.param}")
+    settings = dataclasses.replace(SETTINGS, bucket_size=FAMILIES[family], **changes)
     model = ReferenceModel(path)
     calibration = tmp / "calibration.safetensors"
     _write_calibration(model, path, calibration)
@@ -147,7 +156,7 @@ def served(request, random_models, tmp_path_factory) -> Served:
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     records = {(r["key"], r["layer"], r["kind"]): r for r in lines}
     assert len(records) == len(lines), "a (step, layer, block) was decided twice"
-    served = Served(family, settings, model, calibration, records, _steps(lines), outputs)
+    served = Served(request.param, settings, model, calibration, records, _steps(lines), outputs)
     served.replay = served.reference().run(
         PROMPTS, served.steps, DECODE_STEPS, forced=served.forced(), forced_tokens=served.vllm_tokens()
     )
@@ -222,6 +231,20 @@ def test_every_pruned_block_decides_every_step(served):
         assert record["kept"] == sorted(set(record["kept"]))
 
 
+def test_decode_steps_reuse_decisions_as_the_reference_does(served):
+    """vLLM keeps a decision at exactly the steps the reference's reuse rule names."""
+    reused = served.replay.reused_steps
+    if served.settings.reuse_decode_steps == 0:
+        assert reused == {}
+    else:  # decode steps reuse the prefill step's decision, then a decode step's
+        first_step = served.steps[0][0]
+        assert first_step in reused.values() and len(set(reused.values())) > 1, reused
+    for (key, layer, kind), record in served.records.items():
+        assert (record["probe_rows"] == []) == (key in reused), (key, layer, kind)
+        if key in reused:
+            assert record["kept"] == served.records[reused[key], layer, kind]["kept"]
+
+
 def test_probe_tokens_are_top_ranked_by_residual_norm(served):
     exact = 0
     for key, decision in served.replay.decisions.items():
@@ -229,15 +252,15 @@ def test_probe_tokens_are_top_ranked_by_residual_norm(served):
         assert len(rows) == len(decision.own_probe_rows), key
         assert _not_top_k(decision.importance, rows) <= TOLERANCE, (key, rows, decision.own_probe_rows)
         exact += rows == decision.own_probe_rows
-    print(f"\n{served.family}: probe rows identical in {exact}/{len(served.replay.decisions)} decisions")
+    print(f"\n{served.name}: probe rows identical in {exact}/{len(served.replay.decisions)} decisions")
 
 
 def test_kept_units_are_top_k_of_reference_scores(served):
     decisions = served.replay.decisions
-    assert set(decisions) == set(served.records)
+    assert set(decisions) == {k for k in served.records if k[0] not in served.replay.reused_steps}
     assert _violations(decisions, served.records) == []
     exact = sum(served.records[k]["kept"] == d.own_kept for k, d in decisions.items())
-    print(f"\n{served.family}: kept units identical in {exact}/{len(decisions)} decisions")
+    print(f"\n{served.name}: kept units identical in {exact}/{len(decisions)} decisions")
 
 
 def test_reference_with_own_decisions_reproduces_vllm_outputs(served):
@@ -248,9 +271,9 @@ def test_reference_with_own_decisions_reproduces_vllm_outputs(served):
     got_prompt, got_tokens = served.vllm
     for got, want in zip(got_prompt, own.prompt_logprobs):
         assert len(got) == len(want)
-        assert max(abs(g - w) for g, w in zip(got, want)) < 2e-3, (served.family, got, want)
+        assert max(abs(g - w) for g, w in zip(got, want)) < 2e-3, (served.name, got, want)
     assert all(len(ids) == DECODE_STEPS for ids, _ in got_tokens)
-    assert decode_mismatch(got_tokens, own.tokens) < 2e-3, (served.family, got_tokens, own.tokens)
+    assert decode_mismatch(got_tokens, own.tokens) < 2e-3, (served.name, got_tokens, own.tokens)
 
 
 @pytest.mark.parametrize(
@@ -268,5 +291,5 @@ def test_check_fails_for_other_pp_semantics(served, change):
         forced=served.forced(probe_rows=False), forced_tokens=served.vllm_tokens(),
     )
     violations = _violations(run.decisions, served.records)
-    print(f"\n{served.family} {change}: {len(violations)}/{len(run.decisions)} decisions off top-k")
+    print(f"\n{served.name} {change}: {len(violations)}/{len(run.decisions)} decisions off top-k")
     assert violations, change
