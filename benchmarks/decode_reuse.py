@@ -9,9 +9,11 @@ are reused.
 
 Prompts: 32 windows of 64 tokens of the evaluation text after the 128
 perplexity windows (as ``benchmarks/quality.py --decode``), 64 forced tokens
-each, all 32 requests decoding together.
+each, all 32 requests decoding together. ``--prompt-set K`` takes the K-th
+next 32 windows instead (labels end in ``-setK``), to see how much the
+result depends on the prompts.
 
-    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines]
+    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K]
 
 Writes benchmarks/results/decode_reuse_<model>.json.
 """
@@ -86,6 +88,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reuse", type=int, nargs="*", default=[0, 3, 7, 15])
     parser.add_argument("--baselines", action="store_true", help="also dense, FLAP and Wanda-sp")
+    parser.add_argument("--prompt-set", type=int, default=0, help="which 32 windows after the perplexity windows")
     args = parser.parse_args(argv)
 
     from vllm_pp.default_model import prepare_default_model
@@ -97,13 +100,16 @@ def main(argv=None) -> int:
 
     model, calibration = prepare_model("smollm2")
     tokens = tokenize_text(str(model), prepare_text(quiet=True).evaluation)
-    prompts = contiguous_windows(tokens[128 * 512:], PROMPT_LEN, PROMPTS)
+    first = 128 * 512 + args.prompt_set * PROMPTS * PROMPT_LEN
+    prompts = contiguous_windows(tokens[first:], PROMPT_LEN, PROMPTS)
     with environ(VLLM_CPU_KVCACHE_SPACE="1"):  # vLLM's default claims 92% of the host's memory
         references = dense_continuations(str(model), prompts, NEW_TOKENS, dtype="float32")
     settings = {f"pp-0.4-reuse-{n}": {"method": "probe", "reuse_decode_steps": n} for n in args.reuse}
     if args.baselines:
         settings = {"dense": {"method": "dense"}, **settings,
                     "flap-0.4": {"method": "flap"}, "wanda-sp-0.4": {"method": "wanda-sp"}}
+    if args.prompt_set:
+        settings = {f"{label}-set{args.prompt_set}": s for label, s in settings.items()}
     out = RESULTS / f"decode_reuse_{Path(model).name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     for label, setting in settings.items():

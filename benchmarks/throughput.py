@@ -424,6 +424,8 @@ def main(argv=None) -> int:
                         help="override the engine list")
     parser.add_argument("--workloads", nargs="*", help="run only these workloads")
     parser.add_argument("--rounds", type=int)
+    parser.add_argument("--max-engines", type=int,
+                        help="engines alive at once, vanilla included (default: the model's; ~3.3 GB each for smollm2)")
     parser.add_argument("--reuse-decode-steps", type=int, default=None,
                         help="probe_pruning.reuse_decode_steps of the pp engines (default: the config's)")
     parser.add_argument("--breakdown", action="store_true", help="per-step cost shares instead of A/B runs")
@@ -452,6 +454,8 @@ def main(argv=None) -> int:
         setup = _replace(setup, engines=tuple(dict.fromkeys(["vanilla", *args.engines])))
     if args.rounds:
         setup = _replace(setup, rounds=args.rounds)
+    if args.max_engines:
+        setup = _replace(setup, max_engines=args.max_engines)
     reuse = args.reuse_decode_steps
     if reuse is None:
         reuse = ProbePruningConfig().reuse_decode_steps

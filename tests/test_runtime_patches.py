@@ -58,11 +58,13 @@ def test_from_cli_args_hook_folds_flags_into_additional_config(serve_parser, mod
         serve_parser,
         model_dir,
         ["--pp-ratio", "0.4", "--pp-skip-layers", "0,1", "--pp-probe-ratio", "0.1",
-         "--additional-config.other", "1"],
+         "--pp-reuse-decode-steps", "0", "--additional-config.other", "1"],
     )
     assert engine_args.additional_config == {
         "other": 1,
-        "probe_pruning": {"ratio": 0.4, "skip_layers": [0, 1], "probe": {"ratio": 0.1}},
+        "probe_pruning": {
+            "ratio": 0.4, "skip_layers": [0, 1], "probe": {"ratio": 0.1}, "reuse_decode_steps": 0,
+        },
     }
 
 
@@ -89,6 +91,15 @@ def test_bad_ratio_is_an_argparse_error(serve_parser, value, capsys):
         serve_parser.parse_args(["serve", "/models/m", f"--pp-ratio={value}"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert " serve: error: argument --pp-ratio: probe_pruning.ratio=" in err
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "abc"])
+def test_bad_reuse_decode_steps_is_an_argparse_error(serve_parser, value, capsys):
+    with pytest.raises(SystemExit):
+        serve_parser.parse_args(["serve", "/models/m", f"--pp-reuse-decode-steps={value}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert " serve: error: argument --pp-reuse-decode-steps: probe_pruning.reuse_decode_steps=" in err
+    assert value in err and err.endswith("expected an integer >= 0")
 
 
 def test_create_engine_config_hook_forces_eager(random_models):

@@ -162,11 +162,12 @@ class ProbePruningConfig:
     skip_layers: tuple[int, ...] = DEFAULT_SKIP_LAYERS
     # Kept MLP channel counts are rounded up to a multiple of this (spec 3.3).
     channel_multiple: int = 64
-    # Performance (docs/design.md, "Making pruning pay"): a PP decision made at
-    # a decode-only step stands for up to this many following decode-only
-    # steps of the same requests (bounded staleness); 0 decides at every step,
-    # as the paper does.
-    reuse_decode_steps: int = 0
+    # Performance (docs/design.md, "Decision reuse at decode steps"): a PP
+    # decision stands for up to this many following decode-only steps of the
+    # same requests (bounded staleness). A deciding decode step reads all of
+    # gate/up for its one-token probe; 15 makes decode faster than vanilla at
+    # 7B widths for +9.5% decode perplexity on SmolLM2. 0 decides at every step.
+    reuse_decode_steps: int = 15
     # Which query heads a pruned attention block runs the attention kernel on
     # (docs/design.md, "Attention on the kept heads"): "kept" only the kept
     # heads, at every step (vLLM's CPU attention backend); "all" every head

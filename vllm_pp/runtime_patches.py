@@ -81,6 +81,17 @@ def _method(text: str) -> str:
     return text
 
 
+def _reuse_decode_steps(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise ProbePruningConfigError(
+            f"probe_pruning.reuse_decode_steps={text!r} is invalid: expected an integer >= 0"
+        ) from None
+    ProbePruningConfig(reuse_decode_steps=value)
+    return value
+
+
 def _skip_layers(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not all(p.isdigit() for p in parts):
@@ -100,6 +111,9 @@ CLI_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
      "Probe pruning: how heads and channels are chosen."),
     ("--pp-probe-ratio", "probe.ratio", _checked(_probe_ratio),
      "Probe pruning: share of a step's tokens that run ahead as the probe, in (0, 1]."),
+    ("--pp-reuse-decode-steps", "reuse_decode_steps", _checked(_reuse_decode_steps),
+     "Probe pruning: a decision made at a decode-only step stands for up to this many "
+     "following decode-only steps of the same requests (default 15; 0 decides at every step)."),
     ("--pp-calibration", "calibration", str,
      "Probe pruning: calibration statistics file written by `vllm-pp calibrate`."),
     ("--pp-skip-layers", "skip_layers", _checked(_skip_layers),
