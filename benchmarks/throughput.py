@@ -425,7 +425,7 @@ def main(argv=None) -> int:
     parser.add_argument("--workloads", nargs="*", help="run only these workloads")
     parser.add_argument("--rounds", type=int)
     parser.add_argument("--max-engines", type=int,
-                        help="engines alive at once, vanilla included (default: the model's; ~3.3 GB each for smollm2)")
+                        help="engines alive at once, vanilla included (default: the model's; ~3.3 GB each for smollm2, ~7.8 GB for 7b-width: 3 of those do not fit in 24 GB)")
     parser.add_argument("--reuse-decode-steps", type=int, default=None,
                         help="probe_pruning.reuse_decode_steps of the pp engines (default: the config's)")
     parser.add_argument("--breakdown", action="store_true", help="per-step cost shares instead of A/B runs")
