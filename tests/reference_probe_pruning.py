@@ -164,7 +164,9 @@ class ReferenceProbePruning:
         self.reset()
 
     def reset(self) -> None:
-        """History back to its start-of-serving value."""
+        """History back to its start-of-serving value, no decision made yet."""
+        self.reused_steps: dict[int, int] = {}
+        self.last_kept: dict[tuple[int, str], list[int]] = {}
         self.history = {}
         for layer in self.pruned_layers:
             for kind, width in (("attention", self.heads * self.head_dim), ("mlp", self.width)):
@@ -195,14 +197,15 @@ class ReferenceProbePruning:
     def _block(self, key, forced, decisions, layer, kind, residual, z, positions):
         if layer not in self.pruned_layers:
             return z
+        buckets = [self._bucket(int(p)) for p in positions]
         if key in self.reused_steps:
             kept = self.last_kept[layer, kind]
         else:
-            kept = self._decide(key, forced, decisions, layer, kind, residual, z, positions)
+            kept = self._decide(key, forced, decisions, layer, kind, residual, z, buckets)
         self.last_kept[layer, kind] = kept
-        return self._update_history(layer, kind, kept, z, positions)
+        return self._update_history(layer, kind, kept, z, buckets)
 
-    def _decide(self, key, forced, decisions, layer, kind, residual, z, positions) -> list[int]:
+    def _decide(self, key, forced, decisions, layer, kind, residual, z, buckets) -> list[int]:
         s = self.settings
         num_tokens = residual.shape[0]
         importance = residual.norm(dim=-1)
@@ -212,7 +215,6 @@ class ReferenceProbePruning:
         rows = vllm["probe_rows"] if vllm and "probe_rows" in vllm else own_rows
 
         history = self.history[layer, kind]
-        buckets = [self._bucket(int(p)) for p in positions]
         pb = z[rows] ** 2
         hs = history[[buckets[r] for r in rows]] if s.use_history else torch.zeros_like(pb)
         alpha = pb / (pb + hs + 1e-6)
@@ -229,12 +231,11 @@ class ReferenceProbePruning:
         decisions[key, layer, kind] = Decision(importance, rows, own_rows, scores, kept, own_kept)
         return kept
 
-    def _update_history(self, layer, kind, kept, z, positions) -> torch.Tensor:
+    def _update_history(self, layer, kind, kept, z, buckets) -> torch.Tensor:
         """EMA of the kept channels from the full step, at every step; z with pruned channels zeroed."""
         s = self.settings
         num_tokens = z.shape[0]
         history = self.history[layer, kind]
-        buckets = [self._bucket(int(p)) for p in positions]
         unit = self.head_dim if kind == "attention" else 1
         channels = [u * unit + j for u in kept for j in range(unit)]
         mask = torch.zeros(z.shape[1], dtype=torch.float64)
@@ -291,7 +292,6 @@ class ReferenceProbePruning:
     def _run(self, prompts, steps, decode_steps, forced, forced_tokens) -> Run:
         self.reset()
         self.reused_steps = self._reused_steps(steps)
-        self.last_kept = {}
         sequences = [list(p) + list(forced_tokens[r] if forced_tokens else []) for r, p in enumerate(prompts)]
         caches = [self.model.new_cache() for _ in prompts]
         logprobs = [[] for _ in prompts]
