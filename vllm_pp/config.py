@@ -162,7 +162,7 @@ class ProbePruningConfig:
     skip_layers: tuple[int, ...] = DEFAULT_SKIP_LAYERS
     # Kept MLP channel counts are rounded up to a multiple of this (spec 3.3).
     channel_multiple: int = 64
-    # Performance (docs/design.md, "Decision reuse at decode steps"): a PP
+    # Performance (docs/design.md, "The probe at decode steps, and decision reuse"): a PP
     # decision stands for up to this many following decode-only steps of the
     # same requests (bounded staleness). A deciding decode step reads all of
     # gate/up for its one-token probe; 15 makes decode faster than vanilla at

@@ -112,8 +112,8 @@ CLI_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--pp-probe-ratio", "probe.ratio", _checked(_probe_ratio),
      "Probe pruning: share of a step's tokens that run ahead as the probe, in (0, 1]."),
     ("--pp-reuse-decode-steps", "reuse_decode_steps", _checked(_reuse_decode_steps),
-     "Probe pruning: a decision made at a decode-only step stands for up to this many "
-     "following decode-only steps of the same requests (default 15; 0 decides at every step)."),
+     "Probe pruning: a decision stands for up to this many following decode-only steps "
+     "of the same requests (default 15; 0 decides at every step)."),
     ("--pp-calibration", "calibration", str,
      "Probe pruning: calibration statistics file written by `vllm-pp calibrate`."),
     ("--pp-skip-layers", "skip_layers", _checked(_skip_layers),
