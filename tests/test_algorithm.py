@@ -544,11 +544,11 @@ def _pp_method_one_block():
     return method, block
 
 
-def _step(positions: list[int]):
+def _step(positions: list[int], index: int = 0):
     from vllm_pp.step import StepBatch
 
     n = len(positions)
-    return StepBatch(index=0, num_tokens=n, max_query_len=n, positions=torch.tensor(positions),
+    return StepBatch(index=index, num_tokens=n, max_query_len=n, positions=torch.tensor(positions),
                      query_start_loc=torch.tensor([0, n]), seq_lens=torch.tensor([n]))
 
 
@@ -590,16 +590,18 @@ def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(
     for block in blocks:
         method.history[block].copy_(torch.rand(2, 8, generator=g))
     reference = {block: method.history[block].clone() for block in blocks}
-    batch = _step([0, 1, 64, 65, 66])
-    for block in blocks:
-        channels = torch.randperm(8, generator=g)[:4]  # slot order
-        activations = torch.randn(6, 4, generator=g)  # one padding row past num_tokens
-        method.update(block, batch, channels, activations)
-        ema_update_(reference[block], torch.tensor([0, 0, 1, 1, 1]),
-                    activations[:5].square(), channels, config.history.ema_momentum)
-    method.end_step(batch)
-    for block in blocks:
-        torch.testing.assert_close(method.history[block], reference[block], rtol=0, atol=0)
+    # Steps of different sizes: the stacking buffer is reused, grown, and used in part.
+    for index, positions in enumerate([[0, 1, 64, 65, 66], [2, 67, 68, 69, 70, 71, 72, 3], [73]]):
+        batch = _step(positions, index=index)
+        for block in blocks:
+            channels = torch.randperm(8, generator=g)[:4]  # slot order
+            activations = torch.randn(len(positions) + 1, 4, generator=g)  # one padding row
+            method.update(block, batch, channels, activations)
+            ema_update_(reference[block], torch.tensor(positions) // 64,
+                        activations[:-1].square(), channels, config.history.ema_momentum)
+        method.end_step(batch)
+        for block in blocks:
+            torch.testing.assert_close(method.history[block], reference[block], rtol=0, atol=0)
     # Each block's history is a view of one stacked tensor; a shard saves and reloads them all.
     from vllm_pp.history_store import load_history_shard, save_history_shard
 

@@ -155,7 +155,7 @@ class ProbePruningMethod(PruningMethod):
                 self._history_groups[group],
                 torch.tensor(slots, device=channels.device),
                 self._step_state(batch).rows,
-                activations.float().square(),
+                activations.square_(),
                 channels,
                 self.config.history.ema_momentum,
             )
@@ -258,11 +258,17 @@ class _PendingUpdates:
     Entries are grouped by (history group, kept width) so each group stacks
     into one batched update. Holding the activations keeps them alive past
     their block, so their total size is bounded (``PENDING_UPDATE_BYTES``).
+
+    A group stacks into a buffer kept across steps (grown, never shrunk): on
+    the CPU a fresh tensor of a prefill step's size (tens of MiB) is mapped and
+    page-faulted anew each time, which cost 4x the update itself (SmolLM2 MLP,
+    5 blocks x 2048 tokens: 89 ms fresh, 20 ms in the buffer; docs/design.md).
     """
 
     def __init__(self) -> None:
         self._groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
         self.num_bytes = 0
+        self._buffer = torch.empty(0, dtype=torch.float32)
 
     def add(self, slot: tuple[tuple[str, int], int], channels: torch.Tensor, activations: torch.Tensor):
         group, index = slot
@@ -272,11 +278,22 @@ class _PendingUpdates:
         self.num_bytes += activations.numel() * activations.element_size()
 
     def drain(self):
-        """Yield ``(key, (slots, channels [N, K], activations [N, T, K]))`` and empty the store."""
+        """Yield ``(key, (slots, channels [N, K], activations [N, T, K]))`` and empty the store.
+
+        The activations are float32 in the reused buffer: the caller may
+        overwrite them, and they are valid until it asks for the next group.
+        """
         groups, self._groups, self.num_bytes = self._groups, {}, 0
         for key, entries in groups.items():
             slots, channels, activations = zip(*entries)
-            yield key, (list(slots), torch.stack(channels), torch.stack(activations))
+            yield key, (list(slots), torch.stack(channels), self._stack(activations))
+
+    def _stack(self, activations: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        shape = (len(activations), *activations[0].shape)
+        size = math.prod(shape)
+        if self._buffer.numel() < size or self._buffer.device != activations[0].device:
+            self._buffer = torch.empty(size, dtype=torch.float32, device=activations[0].device)
+        return torch.stack(activations, out=self._buffer[:size].view(shape))
 
 
 class FullBatchProbing(ProbePruningMethod):
