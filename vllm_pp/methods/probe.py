@@ -259,10 +259,11 @@ class _PendingUpdates:
     into one batched update. Holding the activations keeps them alive past
     their block, so their total size is bounded (``PENDING_UPDATE_BYTES``).
 
-    A group stacks into a buffer kept across steps (grown, never shrunk): on
-    the CPU a fresh tensor of a prefill step's size (tens of MiB) is mapped and
-    page-faulted anew each time, which cost 4x the update itself (SmolLM2 MLP,
-    5 blocks x 2048 tokens: 89 ms fresh, 20 ms in the buffer; docs/design.md).
+    A group stacks into a buffer kept across steps (grown, never shrunk) and
+    is squared there: on the CPU a fresh tensor of a prefill step's size (tens
+    of MiB) is mapped and page-faulted anew each time (a flush of 5 SmolLM2 MLP
+    blocks x 2048 tokens: 89 ms with fresh tensors, 20 ms in the buffer;
+    docs/design.md).
     """
 
     def __init__(self) -> None:
