@@ -54,26 +54,23 @@ class ForceTokens(AdapterLogitsProcessor):
 
 def decode_perplexity(model: str, probe_pruning: dict, prompts, references) -> float:
     """Perplexity of ``references`` given ``prompts``, scored one decode step at a time."""
-    from vllm import LLM, SamplingParams
+    from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from vllm_pp.offline import environ
+    from vllm_pp.tools.engine import vllm_engine
 
-    with environ(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1"):
-        llm = LLM(
-            model=model, dtype="float32", enforce_eager=True, enable_prefix_caching=False,
-            max_model_len=PROMPT_LEN + NEW_TOKENS, max_num_seqs=len(prompts), seed=0,
-            logits_processors=[ForceTokens], additional_config={"probe_pruning": probe_pruning},
-        )
-    try:
+    with vllm_engine(
+        model, in_process=True, env={"VLLM_CPU_KVCACHE_SPACE": "1"},
+        dtype="float32", enforce_eager=True, enable_prefix_caching=False,
+        max_model_len=PROMPT_LEN + NEW_TOKENS, max_num_seqs=len(prompts), seed=0,
+        logits_processors=[ForceTokens], additional_config={"probe_pruning": probe_pruning},
+    ) as llm:
         params = [
             SamplingParams(max_tokens=len(r), temperature=0, ignore_eos=True, detokenize=False,
                            logprobs=0, extra_args={"force_tokens": r})
             for r in references
         ]
         outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
     nll, count = 0.0, 0
     for output, reference in zip(outputs, references):
         completion = output.outputs[0]
@@ -91,12 +88,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-set", type=int, default=0, help="which 32 windows after the perplexity windows")
     args = parser.parse_args(argv)
 
-    from vllm_pp.default_model import prepare_default_model
-    from vllm_pp.offline import contiguous_windows, dense_continuations, environ, tokenize_text
-    from vllm_pp.text_data import prepare_text
+    from throughput import prepare_model  # benchmarks/ is on sys.path when run as a script
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import prepare_model
+    from vllm_pp.tools.engine import environ
+    from vllm_pp.tools.evaluate import dense_continuations
+    from vllm_pp.tools.text_data import contiguous_windows, prepare_text, tokenize_text
 
     model, calibration = prepare_model("smollm2")
     tokens = tokenize_text(str(model), prepare_text(quiet=True).evaluation)

@@ -52,7 +52,7 @@ KEEP, CHANGE = 0.56, 0.14
 def variants(hidden: int, width: int, tokens: int):
     from vllm import _custom_ops as ops
 
-    from vllm_pp.execution import PackedUnits, linear
+    from vllm_pp.runtime.execution import PackedUnits, linear
 
     generator = torch.Generator().manual_seed(0)
     gate_up = torch.randn(2 * width, hidden, generator=generator) * 0.02

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
 
 CONFIGS = {
     "vanilla": (False, None),
@@ -69,7 +68,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     os.environ["PYTHONPATH"] = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from engines import vllm_engine
+    from helpers.engines import vllm_engine
 
     config = json.loads((Path(args.model) / "config.json").read_text())
     prefill, decode = _workloads(config["vocab_size"])
@@ -78,7 +77,9 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         extra = {} if probe_pruning is None else {"additional_config": {"probe_pruning": probe_pruning}}
-        with vllm_engine(Path(args.model), plugin=plugin, max_model_len=512, **extra) as llm:
+        with vllm_engine(Path(args.model), plugin=plugin, dtype="float32", enforce_eager=True,
+                         enable_prefix_caching=False, seed=0, max_model_len=512, max_num_seqs=8,
+                         max_num_batched_tokens=2048, **extra) as llm:
             results[name] = {
                 "prefill_s": _time(llm, prefill, 1, args.repeats),
                 "decode_s": _time(llm, decode, 64, args.repeats),

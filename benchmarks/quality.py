@@ -73,8 +73,8 @@ def main(argv=None) -> int:
 
     from dataclasses import asdict
 
-    from vllm_pp.offline import PerplexityRun, evaluate_perplexity
-    from vllm_pp.text_data import prepare_text
+    from vllm_pp.tools.evaluate import PerplexityRun, evaluate_perplexity
+    from vllm_pp.tools.text_data import prepare_text
 
     out = args.out or RESULTS / f"quality_{Path(args.model).name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
@@ -129,8 +129,8 @@ def measure_decode_quality(args) -> dict:
 
     The prompts are cut from the evaluation text after the perplexity windows.
     """
-    from vllm_pp.offline import contiguous_windows, decode_quality, dense_continuations, tokenize_text
-    from vllm_pp.text_data import prepare_text
+    from vllm_pp.tools.evaluate import decode_quality, dense_continuations
+    from vllm_pp.tools.text_data import contiguous_windows, prepare_text, tokenize_text
 
     tokens = tokenize_text(args.model, prepare_text(quiet=True).evaluation)
     unused = tokens[args.num_windows * 512:]

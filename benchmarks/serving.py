@@ -22,14 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -53,49 +49,16 @@ def servers(calibration: Path) -> dict[str, tuple[list[str], dict]]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def vllm_server(model: Path, flags: list[str], env: dict, log_path: Path) -> Iterator[str]:
-    """`vllm serve MODEL FLAGS` on a free loopback port; yields its base URL."""
-    port = _free_port()
-    argv = [
-        VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--dtype", "float32", "--max-model-len", "2048", "--no-enable-prefix-caching",
-        "--enforce-eager", *flags,
-    ]
-    with open(log_path, "ab") as out:
-        process = subprocess.Popen(
-            argv, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", **env},
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve {' '.join(flags)} exited with {process.returncode}; see {log_path}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve not healthy after 600 s; see {log_path}")
-            time.sleep(2)
+    """`vllm serve MODEL FLAGS` with the benchmark's engine settings; yields its base URL."""
+    from vllm_pp.tools import engine
+
+    argv = [str(model), "--dtype", "float32", "--max-model-len", "2048", "--no-enable-prefix-caching",
+            "--enforce-eager", *flags]
+    with engine.vllm_server(argv, env={"VLLM_CPU_KVCACHE_SPACE": "1", **env}, log_path=log_path,
+                            timeout=600) as url:
         yield url
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
 
 
 def bench_serve(url: str, model: Path, rate: float, args, out_dir: Path, name: str) -> dict:
@@ -202,8 +165,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.rates, args.num_prompts = args.rates[:1], 8
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from throughput import prepare_model
+    from throughput import prepare_model  # benchmarks/ is on sys.path when run as a script
 
     model, calibration = prepare_model("smollm2")
     started = time.monotonic()

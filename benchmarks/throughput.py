@@ -154,32 +154,21 @@ def log(message: str) -> None:
 
 
 def prepare_model(name: str) -> tuple[Path, Path]:
-    """The model directory and its calibration file, built on first use."""
-    from vllm_pp.cache import cache_root
+    """The model directory and its calibration file, built on first use (cached)."""
+    from vllm_pp.tools.calibrate import prepare_calibration
 
     if name == "smollm2":
-        from vllm_pp.default_model import prepare_default_model
+        from vllm_pp.tools.default_model import prepare_default_model
 
-        model = prepare_default_model(quiet=True)
-        calibration = cache_root() / "calibration" / f"{model.name}-wiki256x512.safetensors"
-        samples, seq_len = 256, 512
+        model, samples, seq_len = prepare_default_model(quiet=True), 256, 512
     else:
-        from vllm_pp.random_models import build_random_model
+        from vllm_pp.tools.random_models import build_random_model
 
-        model = build_random_model("llama-7b-width", quiet=True)
         # Random weights: a few windows give its (random) activation statistics.
-        calibration = cache_root() / "calibration" / f"{model.name}-wiki8x256.safetensors"
-        samples, seq_len = 8, 256
-    if not calibration.exists():
-        from vllm_pp.offline import calibrate, environ
-        from vllm_pp.text_data import prepare_text
-
-        log(f"calibrating {model.name} ({samples} x {seq_len} tokens) -> {calibration}")
-        calibration.parent.mkdir(parents=True, exist_ok=True)
-        # A fixed KV-cache size: vLLM's default claims 92% of the host's memory.
-        with environ(VLLM_CPU_KVCACHE_SPACE="2"):
-            calibrate(str(model), calibration, text=prepare_text(quiet=True).calibration,
-                      num_samples=samples, seq_len=seq_len, batch_size=4, dtype="float32")
+        model, samples, seq_len = build_random_model("llama-7b-width", quiet=True), 8, 256
+    calibration = prepare_calibration(
+        model, num_samples=samples, seq_len=seq_len, batch_size=4, dtype="float32"
+    )
     return model, calibration
 
 
@@ -217,25 +206,18 @@ def sample_requests(args):
     return get_requests(args, get_tokenizer(args.tokenizer))
 
 
-def start_engine(args, engine: Engine, kv_cache_gib: int):
-    from vllm import LLM
+def start_engine(args, engine: Engine, kv_cache_gib: int, in_process: bool = False):
+    """``engine`` on ``args``; in-process, torch gets one core, as a multiprocess worker does."""
     from vllm.engine.arg_utils import EngineArgs
 
-    from vllm_pp.offline import environ
+    from vllm_pp.tools import engine as factory
 
     env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}
-    if not engine.plugin:
-        env["VLLM_PLUGINS"] = ""  # the engine process never loads vllm-pp
-    with environ(**env):
-        return LLM.from_engine_args(EngineArgs.from_cli_args(args))
-
-
-def stop_engine(llm) -> None:
-    import gc
-
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    if in_process:
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "1"
+    return factory.start_engine(
+        engine_args=EngineArgs.from_cli_args(args), plugin=engine.plugin, in_process=in_process, env=env
+    )
 
 
 def time_requests(llm, requests) -> float:
@@ -254,6 +236,8 @@ def time_requests(llm, requests) -> float:
 
 def run_ab(model: Path, calibration: Path, setup: ModelSetup, reuse: int) -> dict:
     """Seconds per (workload, engine) round, grouped with the vanilla runs of the same rounds."""
+    from vllm_pp.tools.engine import stop_engine
+
     known = engines(str(calibration), setup.skip_layers, reuse)
     others = [known[n] for n in setup.engines if n != "vanilla"]
     size = setup.max_engines - 1
@@ -331,8 +315,8 @@ def run_breakdown(model: Path, calibration: Path, setup: ModelSetup, reuse: int,
     The engine core and worker run in this process (so the section totals are
     readable here) on one core, as the worker of a multiprocess engine does.
     """
-    from vllm_pp import profiling
-    from vllm_pp.offline import environ
+    from vllm_pp.observability import profiling
+    from vllm_pp.tools.engine import stop_engine
 
     known = engines(str(calibration), setup.skip_layers, reuse)
     result = {}
@@ -340,8 +324,7 @@ def run_breakdown(model: Path, calibration: Path, setup: ModelSetup, reuse: int,
         engine = known[name]
         result[name] = {}
         args = bench_args(model, setup.workloads[0], engine)
-        with environ(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_NUM_OF_RESERVED_CPU="1"):
-            llm = start_engine(args, engine, setup.kv_cache_gib)
+        llm = start_engine(args, engine, setup.kv_cache_gib, in_process=True)
         try:
             for workload in setup.workloads:
                 requests = sample_requests(bench_args(model, workload, engine))
@@ -440,7 +423,7 @@ def main(argv=None) -> int:
     if args.model is None:
         parser.error("--model is required")
     if args.breakdown:
-        # Read when vllm_pp.profiling is imported: set before anything imports it.
+        # Read when vllm_pp.observability.profiling is imported: set before anything imports it.
         os.environ["VLLM_PP_PROFILE"] = "1"
     from vllm.plugins import load_general_plugins
 

@@ -8,16 +8,13 @@ pruned GEMMs, without probing or scoring. Used by benchmarks/overhead.py as
 
 import torch
 
-from vllm_pp.algorithm.selection import layer_ratio
 from vllm_pp.methods.base import PruningMethod
-from vllm_pp.methods.probe import kept_unit_count
 
 
 class FirstUnits(PruningMethod):
     def __init__(self, config, blocks, worker):
         super().__init__(config, blocks, worker)
-        ratio = layer_ratio(config.ratio, worker.num_layers, len(config.skip_layers))
-        self.kept = {b: torch.arange(kept_unit_count(b, ratio, config.channel_multiple)) for b in blocks}
+        self.kept = {b: torch.arange(self.kept_unit_count(b)) for b in blocks}
 
     def decide(self, block, batch, residual, probe):
         return self.kept[block].to(residual.device)

@@ -1,16 +1,14 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 TESTS_DIR = Path(__file__).resolve().parent
 # vLLM workers are separate processes: they import the tests' hook modules
-# (selection_hooks) through PYTHONPATH.
+# (helpers.selection_hooks) through PYTHONPATH; pytest itself puts tests/ on sys.path.
 os.environ["PYTHONPATH"] = os.pathsep.join(
     p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p
 )
-sys.path.insert(0, str(TESTS_DIR))
 # A small KV cache keeps several engines within this machine's memory.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -19,14 +17,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def default_model() -> Path:
-    from vllm_pp.default_model import prepare_default_model
+    from vllm_pp.tools.default_model import prepare_default_model
 
     return prepare_default_model(quiet=True)
 
 
 @pytest.fixture(scope="session")
 def random_models(default_model) -> dict[str, Path]:
-    from vllm_pp.random_models import build_random_model
+    from vllm_pp.tools.random_models import build_random_model
 
     return {f: build_random_model(f, quiet=True) for f in ("llama-mha", "llama-gqa", "opt")}
 

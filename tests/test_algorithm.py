@@ -545,7 +545,7 @@ def _pp_method_one_block():
 
 
 def _step(positions: list[int], index: int = 0):
-    from vllm_pp.step import StepBatch
+    from vllm_pp.runtime.step import StepBatch
 
     n = len(positions)
     return StepBatch(index=index, num_tokens=n, max_query_len=n, positions=torch.tensor(positions),
@@ -603,10 +603,10 @@ def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(
         for block in blocks:
             torch.testing.assert_close(method.history[block], reference[block], rtol=0, atol=0)
     # Each block's history is a view of one stacked tensor; a shard saves and reloads them all.
-    from vllm_pp.history_store import load_history_shard, save_history_shard
+    from vllm_pp.storage.history_shards import load_history_shard, save_history_shard
 
-    save_history_shard(tmp_path, method.worker, method.history_tensors(), method.history_layout())
-    saved = load_history_shard(tmp_path, method.worker, method.history_layout())
+    save_history_shard(tmp_path, method.worker.shard_owner, method.history_tensors(), method.history_layout())
+    saved = load_history_shard(tmp_path, method.worker.shard_owner, method.history_layout())
     for block in blocks:
         assert torch.equal(saved[f"layers.{block.layer_index}.{block.kind}.history"],
                            method.history[block])

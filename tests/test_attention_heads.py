@@ -1,4 +1,4 @@
-"""Attention on the kept query heads only (vllm_pp/attention.py).
+"""Attention on the kept query heads only (vllm_pp/integration/cpu_attention.py).
 
 In a real engine step (chunked prefill, prefix-cache hits, decode), the kept
 heads' output and the probe tokens' rows computed by KeptHeadsAttention must
@@ -11,13 +11,17 @@ import types
 
 import pytest
 import torch
-from engines import vllm_engine
+from helpers.engines import vllm_engine
 from vllm import SamplingParams
 
-from vllm_pp.attention import KeptHeadsAttention, kv_head_runs
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
-from vllm_pp.pruning import ProbePruning
-from vllm_pp.vllm_compat import attend_after_cache_write
+from vllm_pp.integration.cpu_attention import (
+    AttendKeptHeadsOnCpu,
+    KeptHeadsAttention,
+    attend_after_cache_write,
+    choose_attention,
+)
+from vllm_pp.runtime.attention import AttendEveryHead, kv_head_runs
 
 
 @pytest.mark.parametrize("heads, group_size, num_kv_heads, runs", [
@@ -30,18 +34,15 @@ def test_kv_head_runs(heads, group_size, num_kv_heads, runs):
     assert kv_head_runs(heads, group_size, num_kv_heads) == runs
 
 
-def _choose(setting: str, attention) -> bool:
-    state = types.SimpleNamespace(
-        config=ProbePruningConfig.from_dict({"ratio": 0.4, "attention_heads": setting}),
-        _attention=attention, worker=types.SimpleNamespace(tp_rank=0),
-    )
-    return ProbePruning._choose_attention_heads(state)
+def _choose(setting: str, attention):
+    config = ProbePruningConfig.from_dict({"ratio": 0.4, "attention_heads": setting})
+    return choose_attention(config, attention, tp_rank=0)
 
 
 def test_kept_heads_need_the_cpu_backend():
     other_backend = types.SimpleNamespace(impl=object(), layer_name="model.layers.0.self_attn.attn")
-    assert _choose("auto", other_backend) is False
-    assert _choose("all", other_backend) is False
+    assert isinstance(_choose("auto", other_backend), AttendEveryHead)
+    assert isinstance(_choose("all", other_backend), AttendEveryHead)
     with pytest.raises(ProbePruningConfigError) as err:
         _choose("kept", other_backend)
     message = str(err.value)
@@ -49,13 +50,18 @@ def test_kept_heads_need_the_cpu_backend():
     assert "expected 'auto' or 'all'" in message and "\n" not in message
 
 
-def test_auto_attends_kept_heads_at_steps_that_prefill():
+def test_auto_attends_kept_heads_at_steps_that_prefill(monkeypatch):
+    monkeypatch.setattr("vllm_pp.integration.cpu_attention.write_kv_cache", lambda *args: None)
+    monkeypatch.setattr(KeptHeadsAttention, "__init__", lambda self, *args: None)
+    every_head = types.SimpleNamespace()  # the layer's own call: every head's output
+    layer = lambda q, k, v: every_head  # noqa: E731
+
     def kept_heads(setting: str, max_query_len: int) -> bool:
-        state = types.SimpleNamespace(
-            kept_head_attention=True,
-            config=ProbePruningConfig.from_dict({"ratio": 0.4, "attention_heads": setting}),
-        )
-        return ProbePruning._attends_kept_heads(state, types.SimpleNamespace(is_decode_only=max_query_len == 1))
+        attend = AttendKeptHeadsOnCpu(every_step=setting == "kept")
+        batch = types.SimpleNamespace(is_decode_only=max_query_len == 1)
+        step = attend.attend(layer, None, None, None, batch)
+        assert isinstance(step, KeptHeadsAttention) or step.output is every_head
+        return isinstance(step, KeptHeadsAttention)
 
     assert kept_heads("auto", 7) and not kept_heads("auto", 1)
     assert kept_heads("kept", 7) and kept_heads("kept", 1)
@@ -91,7 +97,7 @@ def test_kept_head_attention_equals_every_head(default_model, monkeypatch):
         default_model, in_process=True, enable_prefix_caching=True, max_num_batched_tokens=128,
         additional_config={"probe_pruning": {"ratio": 0.4, "attention_heads": "kept", "probe": {"ratio": 0.1}}},
     ) as llm:
-        assert llm.apply_model(lambda model: model.probe_pruning.kept_head_attention) == [True]
+        assert llm.apply_model(lambda model: type(model.probe_pruning.attention).__name__) == ["AttendKeptHeadsOnCpu"]
         params = SamplingParams(max_tokens=6, temperature=0)
         llm.generate([{"prompt_token_ids": shared + [7, 8, 9]}], params)
         # A cached prefix, prompts chunked at 128 tokens and decode steps beside them.

@@ -1,12 +1,17 @@
 """Validation of the probe-pruning configuration."""
 
 import pytest
-from vllm_pp.config import BUILTIN_METHODS, ProbePruningConfig, ProbePruningConfigError
+from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
+from vllm_pp.methods import BUILTIN, method_class, pruning_enabled
+from vllm_pp.methods.base import PruningMethod
 
 
 def test_defaults_are_off():
     config = ProbePruningConfig.from_additional_config(None)
-    assert not config.enabled and config.skip_layers == (0, 1, 2)
+    assert not pruning_enabled(config) and config.skip_layers == (0, 1, 2)
+    # The calibration recorder runs the pruned layers at ratio 0; nothing else does.
+    assert pruning_enabled(ProbePruningConfig(method="calibration"))
+    assert not pruning_enabled(ProbePruningConfig(method="flap"))
 
 
 def test_round_trip():
@@ -22,8 +27,9 @@ def test_round_trip():
     ({"ratio": float("nan")}, "probe_pruning.ratio=nan is invalid"),
     ({"ratio": "0.4"}, "probe_pruning.ratio='0.4' is invalid"),
     ({"ratio": True}, "probe_pruning.ratio=True is invalid"),
-    ({"method": "magic"}, "probe_pruning.method='magic' is invalid: expected one of probe, full-batch, flap, wanda-sp, dense"),
-    ({"probe": {"ratio": 0}}, "probe_pruning.probe.ratio=0.0 is invalid"),
+    ({"method": ""}, "probe_pruning.method='' is invalid: expected a method name"),
+    ({"probe": {"ratio": 0}}, "probe_pruning.probe.ratio=0.0 is invalid: expected a number in (0, 1]"),
+    ({"probe": {"ratio": 2}}, "probe_pruning.probe.ratio=2.0 is invalid: expected a number in (0, 1]"),
     ({"probe": {"selection": "samples"}},
      "probe_pruning.probe.selection='samples' is invalid: expected one of tokens, requests"),
     ({"probe": {"request_ratio": 1.5}}, "probe_pruning.probe.request_ratio=1.5 is invalid"),
@@ -46,7 +52,34 @@ def test_bad_values_name_the_value_and_the_range(raw, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_builtin_method_names_have_classes():
-    from vllm_pp.methods import BUILTIN
+def test_methods_are_found_by_name_and_describe_themselves():
+    assert set(BUILTIN) == {"probe", "full-batch", "flap", "wanda-sp", "dense", "calibration"}
+    assert all(issubclass(cls, PruningMethod) and cls.name == name for name, cls in BUILTIN.items())
+    traits = {name: (cls.needs_calibration, cls.keeps_everything, cls.keeps_history) for name, cls in BUILTIN.items()}
+    assert traits == {
+        "probe": (False, False, True), "full-batch": (False, False, False),
+        "flap": (True, False, False), "wanda-sp": (True, False, False),
+        "dense": (False, True, False), "calibration": (False, True, False),
+    }
+    assert BUILTIN["calibration"].exports == "calibration"
 
-    assert set(BUILTIN) == set(BUILTIN_METHODS)
+
+@pytest.mark.parametrize("name, message", [
+    ("magic", "probe_pruning.method='magic' is invalid: expected one of calibration, dense, flap, "
+              "full-batch, probe, wanda-sp, or 'package.module:ClassName'"),
+    ("no_such_module:Method", "probe_pruning.method='no_such_module:Method' is invalid: cannot import it"),
+    ("vllm_pp.config:ProbePruningConfig", "'ProbePruningConfig' in 'vllm_pp.config' is not a PruningMethod subclass"),
+])
+def test_bad_method_names_are_one_line(name, message):
+    with pytest.raises(ProbePruningConfigError) as err:
+        method_class(name)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_method_refuses_options_it_does_not_have():
+    from vllm_pp.methods.base import WorkerInfo
+
+    config = ProbePruningConfig(ratio=0.4, method="calibration", method_options={"max_position": 5})
+    with pytest.raises(ProbePruningConfigError, match="method_options.max_position is not an option of "
+                                                      "method 'calibration': expected max_positions"):
+        BUILTIN["calibration"](config, [], WorkerInfo(num_layers=2, tp_rank=0, tp_size=1))

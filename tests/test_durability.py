@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.statistics import load_statistics, read_metadata, save_statistics
+from vllm_pp.storage.statistics import ShardOwner, load_statistics, read_metadata, save_statistics
 
 TENSOR = "layers.0.mlp.rank0.sq_mean"
 # 32 MB: one save (write, fsync, rename) takes ~0.1 s here, a window a kill can land in.
@@ -23,7 +23,7 @@ NUMEL = 8 << 20
 # with its version, so a torn file shows as a mix or a short read.
 WRITER = f"""
 import sys, torch
-from vllm_pp.statistics import save_statistics
+from vllm_pp.storage.statistics import save_statistics
 path, version = sys.argv[1], int(sys.argv[2])
 while True:
     print("saving", version, flush=True)
@@ -99,7 +99,7 @@ def test_loading_never_runs_code_from_the_file(tmp_path, writer):
         else:
             torch.save({"weights": _Payload(marker)}, f)
     for load in (read_metadata,
-                 lambda p: load_statistics(p, kind="calibration", identity={}, tp_size=1, rank=0)):
+                 lambda p: load_statistics(p, kind="calibration", owner=ShardOwner({}, 1, 0))):
         with pytest.raises(ProbePruningConfigError) as err:
             load(path)
         assert "is not a readable safetensors file (truncated or corrupted?)" in str(err.value)

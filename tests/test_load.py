@@ -20,7 +20,7 @@ import pytest
 import requests
 import torch
 from safetensors import safe_open
-from servers import exercise_endpoints, vllm_server
+from helpers.servers import exercise_endpoints, vllm_server
 
 MAX_MODEL_LEN = 512
 CONCURRENCY = 32

@@ -16,19 +16,15 @@ import torch
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from vllm_pp import metrics
-from vllm_pp.methods.base import PrunableBlock
-from vllm_pp.metrics import (
-    PruningStats,
-    Reporter,
-    SnapshotCollector,
-    build_snapshot,
-    history_health,
-    recent_means,
-    summary_line,
-    write_snapshot,
-)
-from vllm_pp.pruning import BlockPruner
+from vllm_pp.config import ProbePruningConfig
+from vllm_pp.methods.base import PrunableBlock, WorkerInfo
+from vllm_pp.methods.dense import Dense
+from vllm_pp.methods.probe import ProbePruningMethod
+from vllm_pp.observability import server, snapshots, worker
+from vllm_pp.observability.server import SnapshotCollector
+from vllm_pp.observability.snapshots import write_snapshot
+from vllm_pp.observability.worker import PruningStats, Reporter, build_snapshot, recent_means, summary_line
+from vllm_pp.runtime.pruning import BlockPruner
 
 ATTENTION = PrunableBlock(layer_index=0, kind="attention", width=32, head_dim=8)  # 4 heads
 MLP = PrunableBlock(layer_index=1, kind="mlp", width=16)
@@ -36,10 +32,6 @@ MLP = PrunableBlock(layer_index=1, kind="mlp", width=16)
 
 class FakeMethod:
     """Probes 3 rows and keeps the first units; dense at odd steps for the MLP."""
-
-    def __init__(self):
-        self.history = {ATTENTION: torch.zeros(2, 32), MLP: torch.zeros(2, 16)}
-        self.skipped_history_rows = torch.tensor(0)
 
     def decide(self, block, batch, residual, probe):
         if block is MLP and batch.index % 2:
@@ -54,10 +46,23 @@ class FakeMethod:
         pass
 
 
+class FakeBlock:
+    """A block adapter that only says which path ran."""
+
+    def probe(self, inputs, rows):
+        return rows
+
+    def dense(self, inputs):
+        return "dense"
+
+    def pruned(self, inputs, kept, correction):
+        return "pruned", None, None
+
+
 def _pruning():
     stats = PruningStats(labels={"model_name": "m", "engine": "0", "rank": "0"}, method="probe")
     pruning = SimpleNamespace(stats=stats, steps=SimpleNamespace(batch=None), method=FakeMethod())
-    return pruning, [BlockPruner(b, pruning) for b in (ATTENTION, MLP)]
+    return pruning, [BlockPruner(b, FakeBlock(), pruning) for b in (ATTENTION, MLP)]
 
 
 def _run_steps(pruning, pruners, num_steps, num_tokens=5):
@@ -66,18 +71,22 @@ def _run_steps(pruning, pruners, num_steps, num_tokens=5):
         pruning.steps.batch = SimpleNamespace(index=index, num_tokens=num_tokens)
         pruning.stats.begin_step(num_tokens)
         for pruner in pruners:
-            pruner.run(
-                residual,
-                probe=lambda rows: rows,
-                dense=lambda: "dense",
-                pruned=lambda kept, correction: ("pruned", None, None),
-            )
+            assert pruner.run(residual, None) in ("pruned", "dense")
+
+
+def _probe_pruning_method(nonfinite: int = 0, skipped: int = 0) -> ProbePruningMethod:
+    """A real PP method (its history health is what the reporter reads)."""
+    config = ProbePruningConfig(ratio=0.4, skip_layers=[])
+    method = ProbePruningMethod(config, [ATTENTION, MLP], WorkerInfo(num_layers=2, tp_rank=0, tp_size=1, max_model_len=128))
+    method.history[MLP].view(-1)[:nonfinite] = float("nan")
+    method._skipped_rows += skipped
+    return method
 
 
 def test_block_pruner_records_host_side_counts():
     pruning, (attention, mlp) = _pruning()
     # Warm-up (no batch): dense and not counted.
-    assert attention.run(torch.zeros(1, 4), lambda r: r, lambda: "dense", None) == "dense"
+    assert attention.run(torch.zeros(1, 4), None) == "dense"
     _run_steps(pruning, (attention, mlp), num_steps=4)
     a, m = attention.stats, mlp.stats
     assert (a.pruned, a.dense, a.kept, a.probes, a.probe_tokens) == (4, 0, 8, 4, 12)
@@ -88,13 +97,12 @@ def test_block_pruner_records_host_side_counts():
 
 def test_snapshot_window_and_log_line():
     pruning, pruners = _pruning()
-    pruning.method.history[MLP][1, 3] = float("nan")
-    pruning.method.skipped_history_rows = torch.tensor(7)  # a tensor or an int
+    health = _probe_pruning_method(nonfinite=1, skipped=7).history_health()
     _run_steps(pruning, pruners, num_steps=2)
-    first = build_snapshot(pruning.stats, history_health(pruning.method))
+    first = build_snapshot(pruning.stats, health)
     assert first["history"] == {"nonfinite_values": 1, "skipped_rows": 7}
     _run_steps(pruning, pruners, num_steps=2)
-    second = build_snapshot(pruning.stats, history_health(pruning.method))
+    second = build_snapshot(pruning.stats, health)
     recent = recent_means(second, first, None)
     assert recent == {"kept_ratio": [[0, "attention", 0.5], [1, "mlp", 0.5]], "probe_size": 3.0}
     # An idle interval keeps the last means.
@@ -102,7 +110,9 @@ def test_snapshot_window_and_log_line():
     line = summary_line(second, first, 60)
     assert "2 steps, 10 tokens in 60 s" in line and "attention kept 50.0%" in line
     assert "history non-finite 1, skipped rows 7" in line
-    assert history_health(SimpleNamespace()) == {"nonfinite_values": None, "skipped_rows": None}
+    # A method without a history reports none.
+    dense = Dense(ProbePruningConfig(ratio=0.4, method="dense"), [MLP], WorkerInfo(2, 0, 1))
+    assert dense.history_health() == {"nonfinite_values": None, "skipped_rows": None}
 
 
 def _sample(text: str, name: str, **labels: str) -> float:
@@ -112,7 +122,7 @@ def _sample(text: str, name: str, **labels: str) -> float:
         s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
-        if s.name == metrics.PREFIX + name and s.labels == labels
+        if s.name == server.PREFIX + name and s.labels == labels
     ]
     return value
 
@@ -120,7 +130,7 @@ def _sample(text: str, name: str, **labels: str) -> float:
 def test_collector_serves_snapshots_of_live_workers(tmp_path):
     pruning, pruners = _pruning()
     _run_steps(pruning, pruners, num_steps=4)
-    snapshot = build_snapshot(pruning.stats, history_health(pruning.method))
+    snapshot = build_snapshot(pruning.stats, _probe_pruning_method().history_health())
     write_snapshot(str(tmp_path), {**snapshot, "recent": recent_means(snapshot, None, None)})
     # A dead worker's file and a partial temp file are ignored.
     dead = {**snapshot, "pid": 2**22 + 12345, "labels": {**snapshot["labels"], "rank": "9"}}
@@ -144,14 +154,14 @@ def test_collector_serves_snapshots_of_live_workers(tmp_path):
 
 
 def test_reporter_writes_snapshots_and_logs(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv(metrics.DIR_ENV, str(tmp_path))
-    monkeypatch.setenv(metrics.INTERVAL_ENV, "0.1")
-    monkeypatch.setenv(metrics.LOG_INTERVAL_ENV, "0.2")
+    monkeypatch.setenv(snapshots.DIR_ENV, str(tmp_path))
+    monkeypatch.setenv(worker.INTERVAL_ENV, "0.1")
+    monkeypatch.setenv(worker.LOG_INTERVAL_ENV, "0.2")
     pruning, pruners = _pruning()
 
     class Holder:  # the reporter holds its ProbePruning weakly
         def metrics_snapshot(self):
-            return build_snapshot(pruning.stats, history_health(pruning.method))
+            return build_snapshot(pruning.stats, {})
 
     holder = Holder()
     logger = logging.getLogger("test_metrics_reporter")
@@ -171,17 +181,17 @@ def test_reporter_writes_snapshots_and_logs(tmp_path, monkeypatch, caplog):
 
 def test_metrics_directory_is_per_server(monkeypatch):
     # Inherited from another process that chose it (a test runner): replaced.
-    monkeypatch.setenv(metrics.DIR_ENV, "/tmp/vllm-pp-metrics-1-abcd")
-    monkeypatch.setattr(metrics, "_owned_directory", None)
-    chosen = metrics.metrics_directory()
-    assert chosen != "/tmp/vllm-pp-metrics-1-abcd" and os.environ[metrics.DIR_ENV] == chosen
-    assert metrics.metrics_directory() == chosen  # stable within this process
+    monkeypatch.setenv(snapshots.DIR_ENV, "/tmp/vllm-pp-metrics-1-abcd")
+    monkeypatch.setattr(server, "_owned_directory", None)
+    chosen = server.metrics_directory()
+    assert chosen != "/tmp/vllm-pp-metrics-1-abcd" and os.environ[snapshots.DIR_ENV] == chosen
+    assert server.metrics_directory() == chosen  # stable within this process
     # Set by the user: kept.
-    monkeypatch.setenv(metrics.DIR_ENV, "/srv/pp-metrics")
-    assert metrics.metrics_directory() == "/srv/pp-metrics"
+    monkeypatch.setenv(snapshots.DIR_ENV, "/srv/pp-metrics")
+    assert server.metrics_directory() == "/srv/pp-metrics"
 
 
 @pytest.mark.parametrize("value, expected", [("2.5", 2.5), ("x", 5.0), ("-1", 5.0)])
 def test_interval_from_env(monkeypatch, value, expected):
-    monkeypatch.setenv(metrics.INTERVAL_ENV, value)
-    assert metrics._seconds_from_env(metrics.INTERVAL_ENV, 5.0) == expected
+    monkeypatch.setenv(worker.INTERVAL_ENV, value)
+    assert worker._seconds_from_env(worker.INTERVAL_ENV, 5.0) == expected

@@ -6,29 +6,55 @@ import pytest
 import torch
 from safetensors import safe_open
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.offline import PerplexityRun, calibrate, evaluate_perplexity, kv_cache_bytes
-from vllm_pp.statistics import load_statistics, read_metadata
+from vllm_pp.tools.calibrate import prepare_calibration
+from vllm_pp.tools.engine import kv_cache_bytes
+from vllm_pp.tools.evaluate import PerplexityRun, evaluate_perplexity
+from vllm_pp.storage.statistics import ShardOwner, load_statistics, read_metadata
 
 SEQ_LEN, SAMPLES = 64, 8
 
 
 @pytest.fixture(scope="module")
 def texts():
-    from vllm_pp.text_data import prepare_text
+    from vllm_pp.tools.text_data import prepare_text
 
     return prepare_text(quiet=True)
 
 
 @pytest.fixture(scope="module")
 def calibration(random_models, texts, tmp_path_factory):
-    out = tmp_path_factory.mktemp("calibration") / "gqa.safetensors"
-    info = calibrate(str(random_models["llama-gqa"]), out, text=texts.calibration,
-                     num_samples=SAMPLES, seq_len=SEQ_LEN, batch_size=4, dtype="float32")
-    return out, info
+    """A calibration file made as the first `make serve` makes it: into the (here temporary) cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("vllm_pp.tools.calibrate.cache_root", lambda: cache)
+        out = prepare_calibration(random_models["llama-gqa"], num_samples=SAMPLES, seq_len=SEQ_LEN,
+                                  batch_size=4, dtype="float32", quiet=True)
+    return out, cache
+
+
+def test_a_cached_calibration_is_made_once(calibration, random_models, monkeypatch, capsys):
+    from vllm_pp.tools import cli
+
+    path, cache = calibration
+    assert path.parent == cache / "calibration" and path.name == (
+        f"{random_models['llama-gqa'].name}-wiki{SAMPLES}x{SEQ_LEN}-seed0-tp1-float32.safetensors")
+    monkeypatch.setattr("vllm_pp.tools.calibrate.cache_root", lambda: cache)
+
+    def calibrate(*args, **kwargs):
+        raise RuntimeError("calibrated again")
+
+    monkeypatch.setattr("vllm_pp.tools.calibrate.calibrate", calibrate)
+    # The command `make serve` runs: the same file, printed alone on stdout.
+    assert cli.main(["calibrate", "--model", str(random_models["llama-gqa"]), "--num-samples", str(SAMPLES),
+                     "--seq-len", str(SEQ_LEN), "--dtype", "float32"]) == 0
+    assert capsys.readouterr().out == f"{path}\n"
+    # Other settings are another file.
+    with pytest.raises(RuntimeError, match="calibrated again"):
+        prepare_calibration(random_models["llama-gqa"], num_samples=SAMPLES + 1, seq_len=SEQ_LEN, dtype="float32")
 
 
 def test_calibration_file_has_every_block(calibration, random_models):
-    path, info = calibration
+    path, _ = calibration
     metadata = read_metadata(path)
     assert metadata["kind"] == "calibration" and metadata["tensor_parallel_size"] == 1
     assert metadata["model"]["num_key_value_heads"] == 2
@@ -52,15 +78,15 @@ def test_statistics_file_mismatches_are_refused(calibration, tmp_path):
     path, _ = calibration
     identity = read_metadata(path)["model"]
     with pytest.raises(ProbePruningConfigError, match="tensor_parallel_size=1, this server runs 2"):
-        load_statistics(path, kind="calibration", identity=identity, tp_size=2, rank=0)
+        load_statistics(path, kind="calibration", owner=ShardOwner(identity, 2, 0))
     with pytest.raises(ProbePruningConfigError, match="another model: hidden_size=256, this model has 576"):
-        load_statistics(path, kind="calibration", identity={**identity, "hidden_size": 576}, tp_size=1, rank=0)
+        load_statistics(path, kind="calibration", owner=ShardOwner({**identity, "hidden_size": 576}, 1, 0))
     with pytest.raises(ProbePruningConfigError, match="is a 'calibration' file, expected 'history'"):
-        load_statistics(path, kind="history", identity=identity, tp_size=1, rank=0)
+        load_statistics(path, kind="history", owner=ShardOwner(identity, 1, 0))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(ProbePruningConfigError, match="truncated or corrupted") as err:
-        load_statistics(truncated, kind="calibration", identity=identity, tp_size=1, rank=0)
+        load_statistics(truncated, kind="calibration", owner=ShardOwner(identity, 1, 0))
     assert "\n" not in str(err.value)
     with pytest.raises(ProbePruningConfigError, match="does not exist"):
         read_metadata(tmp_path / "missing.safetensors")

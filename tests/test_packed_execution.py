@@ -1,25 +1,26 @@
-"""Packed kept-unit weights (vllm_pp/execution.py) against plain gathers, no vLLM engine."""
+"""Packed kept-unit weights and the block adapters (vllm_pp/runtime/) against plain gathers, no vLLM."""
 
 import types
 
+import pytest
 import torch
 import torch.nn.functional as F
 
-from vllm_pp import execution
-from vllm_pp.attention import AllHeadsAttention
+from vllm_pp.algorithm.selection import kept_heads_to_channels
+from vllm_pp.runtime.attention import AllHeadsAttention
+from vllm_pp.runtime.blocks import OutputProjection, PrunedAttentionOutput, PrunedMLP
+from vllm_pp.runtime.execution import PackedUnits
 
 
-def _row_parallel(weight: torch.Tensor, bias=None):
-    """Just what execution reads from a vLLM RowParallelLinear (TP 1)."""
-    return types.SimpleNamespace(
-        weight=torch.nn.Parameter(weight.clone(), requires_grad=False),
-        bias=bias, skip_bias_add=False, tp_size=1, reduce_results=True,
-        input_size_per_partition=weight.shape[1],
-    )
+class _Linear(types.SimpleNamespace):
+    """Just what the adapters read from a vLLM linear: weight, bias, the (output, bias) call."""
+
+    def __call__(self, x):
+        return F.linear(x, self.weight, self.bias), None
 
 
-def _column_parallel(weight: torch.Tensor, bias=None):
-    return types.SimpleNamespace(weight=torch.nn.Parameter(weight.clone(), requires_grad=False), bias=bias)
+def _linear(weight: torch.Tensor, bias=None) -> _Linear:
+    return _Linear(weight=torch.nn.Parameter(weight.clone(), requires_grad=False), bias=bias)
 
 
 def _decisions(num_units: int, keep: int, steps: int, seed: int):
@@ -41,13 +42,14 @@ def _decisions(num_units: int, keep: int, steps: int, seed: int):
     return out
 
 
-def test_packed_units_hold_the_kept_rows():
+@pytest.mark.parametrize("capturable", [False, True], ids=["swap", "gather-in-place"])
+def test_packed_units_hold_the_kept_rows(capturable):
     unit_rows, num_units, keep = 3, 10, 6
     source = torch.randn(2, num_units * unit_rows, 5)
-    packed = execution.PackedUnits([source], unit_rows)
+    packed = PackedUnits([source], unit_rows, capturable=capturable)
     for kept in _decisions(num_units, keep, steps=8, seed=0):
         packed.load(kept)
-        rows = execution.kept_heads_to_channels(kept, unit_rows)
+        rows = kept_heads_to_channels(kept, unit_rows)
         # Every kept unit is in exactly one slot, with its own rows.
         assert sorted(packed.slot_units.tolist()) == kept.tolist()
         assert torch.equal(packed.packed[0], source[:, packed.slot_rows])
@@ -58,35 +60,39 @@ def test_packed_units_hold_the_kept_rows():
 
 def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
     hidden, width, heads, head_dim = 8, 12, 4, 2
-    gate_up = _column_parallel(torch.randn(2 * width, hidden))
-    down = _row_parallel(torch.randn(hidden, width), bias=torch.randn(hidden))
-    o_proj = _row_parallel(torch.randn(hidden, heads * head_dim))
+    gate_up = _linear(torch.randn(2 * width, hidden))
+    down = _linear(torch.randn(hidden, width), bias=torch.randn(hidden))
+    o_proj = _linear(torch.randn(hidden, heads * head_dim))
     dense_down, dense_o = down.weight.clone(), o_proj.weight.clone()
-    mlp = execution.pack_gated_mlp(gate_up, down)
-    attention = execution.pack_attention_output(o_proj, head_dim)
-    # The parameters keep their values and shapes; only their memory layout changed.
-    assert torch.equal(down.weight, dense_down) and down.weight.t().is_contiguous()
 
     def act(gate_up_out):  # SiluAndMul
         gate, up = gate_up_out.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    mlp = PrunedMLP(gate_up, act, OutputProjection(down), gated=True)
+    attention = PrunedAttentionOutput(OutputProjection(o_proj), head_dim)
     x = torch.randn(5, hidden)
+    dense_output = mlp.dense(x)
+    mlp.prepare()
+    attention.prepare()
+    # The parameters keep their values and shapes; only their memory layout changed.
+    assert torch.equal(down.weight, dense_down) and down.weight.t().is_contiguous()
+    torch.testing.assert_close(mlp.dense(x), dense_output)
     heads_out = torch.randn(5, heads * head_dim)
     correction = torch.randn(hidden)
     for kept, kept_heads in zip(_decisions(width, 7, 6, seed=1), _decisions(heads, 2, 6, seed=2)):
-        output, intermediate, channels = execution.gated_mlp(mlp, act, down, x, kept, correction)
+        output, intermediate, channels = mlp.pruned(x, kept, correction)
         mask = torch.zeros(width)
         mask[kept] = 1.0
         full = act(F.linear(x, gate_up.weight))
         torch.testing.assert_close(output, F.linear(full * mask, dense_down) + correction + down.bias)
         assert sorted(channels.tolist()) == kept.tolist()
         torch.testing.assert_close(intermediate, full[:, channels])
+        probe_rows = torch.tensor([0, 3])
+        torch.testing.assert_close(mlp.probe(x, probe_rows), full[probe_rows])
 
-        output, kept_out, channels = execution.attention_output(
-            attention, o_proj, AllHeadsAttention(heads_out), kept_heads
-        )
-        kept_channels = execution.kept_heads_to_channels(kept_heads, head_dim)
+        output, kept_out, channels = attention.pruned(AllHeadsAttention(heads_out), kept_heads, None)
+        kept_channels = kept_heads_to_channels(kept_heads, head_dim)
         torch.testing.assert_close(output, heads_out[:, kept_channels] @ dense_o[:, kept_channels].t())
         assert sorted(channels.tolist()) == kept_channels.tolist()
         assert torch.equal(kept_out, heads_out[:, channels])
@@ -94,16 +100,29 @@ def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
 
 def test_plain_mlp_with_bias_equals_masked_dense_block():
     hidden, width = 6, 9
-    fc1 = _column_parallel(torch.randn(width, hidden), bias=torch.randn(width))
-    fc2 = _row_parallel(torch.randn(hidden, width), bias=torch.randn(hidden))
+    fc1 = _linear(torch.randn(width, hidden), bias=torch.randn(width))
+    fc2 = _linear(torch.randn(hidden, width), bias=torch.randn(hidden))
     dense_fc2 = fc2.weight.clone()
-    packed = execution.pack_plain_mlp(fc1, fc2)
+    mlp = PrunedMLP(fc1, torch.relu, OutputProjection(fc2), gated=False)
+    mlp.prepare()
     x = torch.randn(3, hidden)
     for kept in _decisions(width, 4, 6, seed=3):
-        output, intermediate, channels = execution.plain_mlp(packed, torch.relu, fc2, x, kept)
+        output, intermediate, channels = mlp.pruned(x, kept, None)
         full = torch.relu(F.linear(x, fc1.weight, fc1.bias))
         mask = torch.zeros(width)
         mask[kept] = 1.0
         torch.testing.assert_close(output, F.linear(full * mask, dense_fc2, fc2.bias))
         assert sorted(channels.tolist()) == kept.tolist()
         torch.testing.assert_close(intermediate, full[:, channels])
+
+
+def test_output_projection_sums_ranks_before_the_bias():
+    """Under TP each rank holds a partial sum: correction joins it, the bias comes once after."""
+    linear = _linear(torch.randn(4, 6), bias=torch.randn(4))
+    partial, correction = torch.randn(2, 4), torch.randn(4)
+    summed = []
+    output = OutputProjection(linear, all_reduce=lambda t: summed.append(t.clone()) or 2 * t).finish(partial, correction)
+    torch.testing.assert_close(summed[0], partial + correction)
+    torch.testing.assert_close(output, 2 * (partial + correction) + linear.bias)
+    linear.skip_bias_add = True  # vLLM then returns the bias to its caller instead
+    torch.testing.assert_close(OutputProjection(linear).finish(partial, None), partial)

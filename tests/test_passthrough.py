@@ -1,7 +1,7 @@
 """With pruning off, the plugin's model must be vanilla vLLM, bit for bit."""
 
 import pytest
-from engines import vllm_engine
+from helpers.engines import vllm_engine
 from vllm import SamplingParams
 
 PROMPTS = [

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import vllm_engine
-from reference_model import ReferenceModel, single_thread, step_forward
-from reference_probe_pruning import ReferenceProbePruning, Run, Settings, calibration_statistics
-from schedule_replay import decode_mismatch, segment_requests, vllm_generate
-from selection_hooks import fixed_kept_units
+from helpers.engines import vllm_engine
+from helpers.reference_model import ReferenceModel, single_thread, step_forward
+from helpers.reference_probe_pruning import ReferenceProbePruning, Run, Settings, calibration_statistics
+from helpers.schedule_replay import decode_mismatch, segment_requests, vllm_generate
+from helpers.selection_hooks import fixed_kept_units
 
 PROMPTS = [  # token ids; distinct lengths identify the requests in the schedule log
     [1, 504, 3458, 314, 4649, 314, 253, 1345, 30, 2056, 3325],
@@ -68,7 +68,7 @@ def _write_calibration(model: ReferenceModel, model_dir, out) -> None:
     """True dense statistics over seeded random windows, in `vllm-pp calibrate`'s format."""
     from transformers import AutoConfig
 
-    from vllm_pp.statistics import model_identity, save_statistics
+    from vllm_pp.storage.statistics import model_identity, save_statistics
 
     generator = torch.Generator().manual_seed(0)
     vocab = model.config["vocab_size"]
@@ -89,7 +89,7 @@ def _engine_config(settings: Settings, calibration, decision_log) -> dict:
     return {
         "probe_pruning": {
             "ratio": settings.ratio,
-            "method": "selection_hooks:LoggedProbePruning",
+            "method": "helpers.selection_hooks:LoggedProbePruning",
             "method_options": {"decision_log": str(decision_log)},
             "probe": {"ratio": settings.probe_ratio, "min_tokens": settings.min_tokens},
             "history": {

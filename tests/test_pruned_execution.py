@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
-from engines import vllm_engine
-from reference_model import ReferenceModel, single_thread
-from schedule_replay import chunks_per_request, decode_mismatch, vllm_generate
-from selection_hooks import fixed_kept_units
+from helpers.engines import vllm_engine
+from helpers.reference_model import ReferenceModel, single_thread
+from helpers.schedule_replay import chunks_per_request, decode_mismatch, vllm_generate
+from helpers.selection_hooks import fixed_kept_units
 
 SEED, FRACTION, SKIP = 7, 0.5, [0]
 PROMPTS = [  # token ids; distinct lengths identify the requests in the schedule log
@@ -29,7 +29,7 @@ def _config(schedule_log, attention_heads="auto"):
     return {
         "probe_pruning": {
             "ratio": 0.5,
-            "method": "selection_hooks:FixedSelection",
+            "method": "helpers.selection_hooks:FixedSelection",
             "method_options": {"seed": SEED, "fraction": FRACTION, "schedule_log": str(schedule_log)},
             "skip_layers": SKIP,
             "attention_heads": attention_heads,
@@ -121,7 +121,7 @@ def test_kv_cache_test_catches_unwritten_pruned_heads(random_models, tmp_path):
         in_process=True,
         additional_config=_config(schedule_log),
         hf_overrides={"architectures": ["SkipPrunedHeadsKV"]},
-        model_class_overrides={"SkipPrunedHeadsKV": "broken_kv_cache:SkipPrunedHeadsKV"},
+        model_class_overrides={"SkipPrunedHeadsKV": "helpers.broken_kv_cache:SkipPrunedHeadsKV"},
     ) as llm:
         assert llm.apply_model(_class_name) == ["SkipPrunedHeadsKV"]
         _, got = vllm_generate(llm, PROMPTS, DECODE_STEPS)

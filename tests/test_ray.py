@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from engines import vllm_engine
-from servers import free_port, vllm_server
-from vllm_pp.offline import calibrate, environ
+from helpers.engines import vllm_engine
+from helpers.servers import vllm_server
+from vllm_pp.tools.engine import free_port
+from vllm_pp.tools.calibrate import calibrate
+from vllm_pp.tools.engine import environ
 
 RAY = str(Path(sys.executable).parent / "ray")
 PROMPTS = [[1, 5, 9, 200, 31, 7, 1000, 44] * k for k in (1, 3, 6)] + [[2, 3]]
@@ -55,7 +57,7 @@ def ray_head():
 @pytest.fixture(scope="module")
 def calibrations(random_models, ray_head, tmp_path_factory):
     """One TP=2 calibration file per family, written through Ray."""
-    from vllm_pp.text_data import prepare_text
+    from vllm_pp.tools.text_data import prepare_text
 
     text = prepare_text(quiet=True).calibration
     out = tmp_path_factory.mktemp("calibration")
@@ -118,7 +120,7 @@ def test_ray_server_answers_saves_history_and_leaves_no_actors(
 ):
     from openai import OpenAI
     from safetensors import safe_open
-    from vllm_pp.statistics import read_metadata
+    from vllm_pp.storage.statistics import read_metadata
 
     history = tmp_path / "history"
     args = [str(random_models["llama-gqa"]), "--tensor-parallel-size", "2",
@@ -151,14 +153,12 @@ def test_ray_server_answers_saves_history_and_leaves_no_actors(
 
 
 def test_ray_worker_refuses_history_of_another_tp_size(random_models, ray_head, tmp_path):
-    from vllm_pp.history_store import save_history_shard
-    from vllm_pp.methods.base import WorkerInfo
-    from vllm_pp.statistics import model_identity
     from transformers import AutoConfig
+    from vllm_pp.storage.history_shards import save_history_shard
+    from vllm_pp.storage.statistics import ShardOwner, model_identity
 
     model = random_models["llama-gqa"]
-    identity = model_identity(AutoConfig.from_pretrained(model))
-    tp1 = WorkerInfo(num_layers=6, tp_rank=0, tp_size=1, model_identity=identity)
+    tp1 = ShardOwner(model_identity(AutoConfig.from_pretrained(model)), tp_size=1, rank=0)
     save_history_shard(tmp_path, tp1, {"layers.3.mlp.rank0.history": torch.ones(8, 512)},
                        {"position_bucket_size": 64, "num_buckets": 8})
     with pytest.raises(Exception) as failure:

@@ -1,10 +1,10 @@
-"""One test per runtime hook (see vllm_pp/runtime_patches.py), plus plugin discovery."""
+"""One test per runtime hook (see vllm_pp/integration/runtime_patches.py), plus plugin discovery."""
 
 
 import pytest
 import vllm_pp
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.registration import ARCHITECTURES, BUILTIN_OVERRIDES
+from vllm_pp.integration.registration import ARCHITECTURES, BUILTIN_OVERRIDES
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +150,8 @@ class _EngineCoreStandIn:
 def test_engine_core_shutdown_hook_saves_history_first_and_once():
     vllm_pp.register()
     from vllm.v1.engine.core import EngineCore
-    from vllm_pp.pruning import save_probe_pruning_history
-    from vllm_pp.runtime_patches import _WRAPPED, _patch_engine_core_shutdown
+    from vllm_pp.integration.models.base import save_probe_pruning_history
+    from vllm_pp.integration.runtime_patches import _WRAPPED, _patch_engine_core_shutdown
 
     assert getattr(EngineCore.shutdown, _WRAPPED, False)
     order = []
@@ -172,7 +172,7 @@ def test_executor_get_class_hook_runs_ray_on_cpu():
 
     from vllm.v1.executor.abstract import Executor
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
-    from vllm_pp.ray_on_cpu import CpuRayExecutorV2
+    from vllm_pp.integration.ray_on_cpu import CpuRayExecutorV2
 
     def get_class(backend):
         return Executor.get_class(SimpleNamespace(

@@ -7,7 +7,7 @@ tests/test_load.py, which owns the one SmolLM2 server of the suite.
 import time
 
 import pytest
-from servers import run_vllm
+from helpers.servers import run_vllm
 
 
 @pytest.mark.parametrize("flag", [["--model"], []], ids=["--model", "positional"])

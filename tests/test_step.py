@@ -3,7 +3,7 @@
 import types
 
 import torch
-from vllm_pp.step import StepTracker
+from vllm_pp.runtime.step import StepTracker
 
 
 def test_step_view_of_a_mixed_step():
@@ -32,10 +32,10 @@ def test_step_view_of_a_mixed_step():
 
 
 def test_attention_probe_rows_exact_or_among_probe_tokens():
-    """ProbePruning.attention_probe wires q/k/v, positions and requests into the probe."""
-    from vllm_pp.attention import AllHeadsAttention
+    """ProbePruning.attend wires q/k/v, positions and requests into the probe."""
     from vllm_pp.config import ProbePruningConfig
-    from vllm_pp.pruning import ProbePruning
+    from vllm_pp.runtime.attention import AllHeadsAttention
+    from vllm_pp.runtime.pruning import ProbePruning
 
     # Two fresh prefill requests of 4 and 3 tokens; 4 query heads over 2 KV heads.
     metadata = types.SimpleNamespace(
@@ -61,8 +61,9 @@ def test_attention_probe_rows_exact_or_among_probe_tokens():
         state = types.SimpleNamespace(
             config=ProbePruningConfig.from_dict({"ratio": 0.4, "probe": {"attention": attention}}),
             steps=tracker,
+            attention=types.SimpleNamespace(attend=lambda layer, q, k, v, batch: AllHeadsAttention(heads_out)),
         )
-        return ProbePruning.attention_probe(state, AllHeadsAttention(heads_out), q, k, v, num_kv_heads=2, head_dim=8, scale=0.5)
+        return ProbePruning.attend(state, None, q, k, v, head_dim=8, scale=0.5).probe_rows
 
     rows = torch.tensor([1, 2, 5])
     assert torch.equal(probe("exact")(rows), heads_out[rows])

@@ -10,18 +10,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import vllm_pp
-from engines import vllm_engine
-from servers import run_vllm
+from helpers.engines import vllm_engine
+from helpers.servers import run_vllm
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.registration import OVERRIDE_ENV
-from vllm_pp.statistics import model_identity, save_statistics
+from vllm_pp.integration.registration import OVERRIDE_ENV
+from vllm_pp.storage.statistics import model_identity, save_statistics
 
 PRUNED = {"probe_pruning": {"ratio": 0.4}}
 
 
 @pytest.fixture(scope="module")
 def qwen2_model(default_model):
-    from vllm_pp.random_models import build_random_model
+    from vllm_pp.tools.random_models import build_random_model
 
     return build_random_model("qwen2", quiet=True)
 
@@ -50,7 +50,7 @@ def test_cli_start_up_errors_are_one_line(random_models, qwen2_model, tmp_path):
         # argparse refuses the flag itself.
         ([llama, "--pp-method", "magic"],
          "argument --pp-method: probe_pruning.method='magic' is invalid: expected one of "
-         "probe, full-batch, flap, wanda-sp, dense"),
+         "calibration, dense, flap, full-batch, probe, wanda-sp, or 'package.module:ClassName'"),
         # These pass argparse and fail once vLLM has built its config (other such
         # errors take the same path: test_errors_end_the_cli_in_one_line).
         ([str(qwen2_model), "--pp-ratio", "0.4"],
@@ -111,9 +111,9 @@ def test_builtin_architecture_without_override_is_refused(random_models, monkeyp
 
 def test_other_names_must_map_to_a_pruning_class(random_models):
     # --model-class-overrides may put any class under any name: a subclass of the
-    # plugin's models prunes (tests/broken_kv_cache.py), vLLM's own class would not.
+    # plugin's models prunes (tests/helpers/broken_kv_cache.py), vLLM's own class would not.
     model = random_models["llama-mha"]
-    for target, pruning in (("broken_kv_cache:SkipPrunedHeadsKV", True),
+    for target, pruning in (("helpers.broken_kv_cache:SkipPrunedHeadsKV", True),
                             ("vllm.model_executor.models.llama:LlamaForCausalLM", False)):
         kwargs = dict(hf_overrides={"architectures": ["MyLlama"]}, model_class_overrides={"MyLlama": target},
                       additional_config=PRUNED)
@@ -207,3 +207,21 @@ def test_calibration_of_another_model_or_tp_size_is_refused_at_start_up(random_m
     _refused(gqa, "was written with tensor_parallel_size=2, this server runs 1",
              additional_config=pruned_with("other-tp"))
     _engine_config(gqa, additional_config=pruned_with("fits"))
+
+
+def test_history_and_calibration_paths_are_checked_before_an_engine_starts(random_models, tmp_path):
+    gqa = random_models["llama-gqa"]
+    regular = tmp_path / "file"
+    regular.write_text("x")
+
+    def pruned_with(**settings):
+        return {"probe_pruning": {"ratio": 0.4, **settings}}
+
+    _refused(gqa, f"probe_pruning.history.path='{regular}/history' cannot be created: Not a directory",
+             additional_config=pruned_with(history={"path": str(regular / "history")}))
+    _refused(gqa, f"statistics file '{tmp_path}' is a directory: expected a file written by vllm-pp",
+             additional_config=pruned_with(calibration=str(tmp_path)))
+    # A directory that can be made is made, and nothing is left in it.
+    fresh = tmp_path / "new" / "history"
+    _engine_config(gqa, additional_config=pruned_with(history={"path": str(fresh)}))
+    assert fresh.is_dir() and list(fresh.iterdir()) == []

@@ -13,8 +13,8 @@ def register() -> None:
     Safe to call any number of times in one process.
     """
     # Imported here so that `import vllm_pp` stays cheap and never imports vLLM.
-    from vllm_pp.registration import register_architectures
-    from vllm_pp.runtime_patches import install_runtime_patches
+    from vllm_pp.integration.registration import register_architectures
+    from vllm_pp.integration.runtime_patches import install_runtime_patches
 
     register_architectures()
     install_runtime_patches()

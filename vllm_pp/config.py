@@ -3,7 +3,7 @@
 It travels inside ``VllmConfig.additional_config["probe_pruning"]`` (a plain
 JSON dict), so it reaches every worker under mp, tensor parallel and Ray, and
 is part of vLLM's config hash. Users write it with ``--pp-ratio`` and friends
-(see :mod:`vllm_pp.runtime_patches`), with
+(see :mod:`vllm_pp.integration.cli_flags`), with
 ``--additional-config '{"probe_pruning": {...}}'`` or with
 ``LLM(..., additional_config={"probe_pruning": {...}})``.
 
@@ -19,17 +19,12 @@ from typing import Any, Mapping
 
 ADDITIONAL_CONFIG_KEY = "probe_pruning"
 
-# Built-in methods, by the name users type. A "package.module:ClassName" string
-# names an out-of-tree method instead (used by the tests' fixed-mask hook).
-BUILTIN_METHODS = ("probe", "full-batch", "flap", "wanda-sp", "dense", "calibration")
-# Methods that run the pruned-execution path to record statistics, not to prune.
-RECORDING_METHODS = ("calibration",)
 PROBE_SELECTIONS = ("tokens", "requests")
 PROBE_ATTENTIONS = ("exact", "probe-only")
 HISTORY_FUSIONS = ("importance-scaled", "probe-only", "history-only")
 ATTENTION_HEADS = ("auto", "kept", "all")
 
-# The paper never prunes the first three decoder layers (spec 3.6).
+# The paper never prunes the first three decoder layers (docs/algorithm.md 3.6).
 DEFAULT_SKIP_LAYERS = (0, 1, 2)
 
 
@@ -37,15 +32,18 @@ class ProbePruningConfigError(ValueError):
     """A bad probe-pruning setting; the message is one line naming value and range."""
 
 
-def _number(name: str, value: Any, low: float, high: float, *, high_open: bool) -> float:
-    allowed = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
+def _number(
+    name: str, value: Any, low: float, high: float, *, high_open: bool, low_open: bool = False
+) -> float:
+    allowed = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ProbePruningConfigError(
             f"probe_pruning.{name}={value!r} is invalid: expected a number in {allowed}"
         )
     value = float(value)
     too_high = value >= high if high_open else value > high
-    if math.isnan(value) or value < low or too_high:
+    too_low = value <= low if low_open else value < low
+    if math.isnan(value) or too_low or too_high:
         raise ProbePruningConfigError(
             f"probe_pruning.{name}={value!r} is invalid: expected a number in {allowed}"
         )
@@ -104,29 +102,26 @@ class ProbeConfig:
         _one_of("probe.selection", self.selection, PROBE_SELECTIONS)
         _one_of("probe.attention", self.attention, PROBE_ATTENTIONS)
         for name in ("ratio", "request_ratio", "request_token_ratio"):
-            if _number(f"probe.{name}", getattr(self, name), 0.0, 1.0, high_open=False) == 0.0:
-                raise ProbePruningConfigError(
-                    f"probe_pruning.probe.{name}=0.0 is invalid: expected a number in (0, 1]"
-                )
+            _number(f"probe.{name}", getattr(self, name), 0.0, 1.0, low_open=True, high_open=False)
         _positive_int("probe.min_tokens", self.min_tokens)
 
 
 @dataclass(frozen=True)
 class HistoryConfig:
-    """The per-worker history store (spec section 2)."""
+    """The per-worker history store (docs/algorithm.md 2)."""
 
     # EMA momentum of the update after full inference (paper: 0.99).
     ema_momentum: float = 0.99
     # Positions share a history row per bucket of this many positions. The
-    # paper keeps one row per position (1); on SmolLM2 at ratio 0.4, buckets of
-    # 64 gave perplexity 70.5 against 76.8 per position and 71.0 for a single
-    # row (benchmarks/results). 0 keeps one row for all positions.
+    # paper keeps one row per position (1); buckets of 64 gave the lowest
+    # perplexity of the sizes measured (docs/design.md, "History"). 0 keeps one
+    # row for all positions.
     position_bucket_size: int = 64
     # How a decision combines probe and history: the paper's importance-scaled
     # fusion, or one source alone (the no-history and no-probe ablations).
     fusion: str = "importance-scaled"
     # Directory of saved history shards (one file per TP rank): loaded at
-    # start-up when present, written at clean shutdown (vllm_pp/history_store.py).
+    # start-up when present, written at clean shutdown (vllm_pp/storage/history_shards.py).
     path: str | None = None
 
     def __post_init__(self) -> None:
@@ -151,8 +146,10 @@ class ProbePruningConfig:
     # Share of attention heads and MLP channels pruned, averaged over layers.
     # 0 turns pruning off: the model is then vanilla vLLM.
     ratio: float = 0.0
+    # A built-in method's name (vllm_pp/methods/) or "package.module:ClassName";
+    # resolved and checked by vllm_pp.methods.method_class.
     method: str = "probe"
-    # Free-form options handed to an out-of-tree method's constructor.
+    # The method's own options (its Options class, vllm_pp/methods/base.py).
     method_options: Mapping[str, Any] = field(default_factory=dict)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
@@ -160,13 +157,13 @@ class ProbePruningConfig:
     calibration: str | None = None
     # Decoder layers never pruned (all methods).
     skip_layers: tuple[int, ...] = DEFAULT_SKIP_LAYERS
-    # Kept MLP channel counts are rounded up to a multiple of this (spec 3.3).
+    # Kept MLP channel counts are rounded up to a multiple of this (docs/algorithm.md 3.3).
     channel_multiple: int = 64
     # Performance (docs/design.md, "The probe at decode steps, and decision reuse"): a PP
     # decision stands for up to this many following decode-only steps of the
     # same requests (bounded staleness). A deciding decode step reads all of
-    # gate/up for its one-token probe; 15 makes decode faster than vanilla at
-    # 7B widths for +9.5% decode perplexity on SmolLM2. 0 decides at every step.
+    # gate/up for its one-token probe, which reuse spares at a measured cost in
+    # decode perplexity. 0 decides at every step, as the paper.
     reuse_decode_steps: int = 15
     # Which query heads a pruned attention block runs the attention kernel on
     # (docs/design.md, "Attention on the kept heads"): "kept" only the kept
@@ -178,11 +175,10 @@ class ProbePruningConfig:
 
     def __post_init__(self) -> None:
         _number("ratio", self.ratio, 0.0, 1.0, high_open=True)
-        if self.method not in BUILTIN_METHODS and ":" not in self.method:
-            allowed = ", ".join(BUILTIN_METHODS)
+        if not isinstance(self.method, str) or not self.method:
             raise ProbePruningConfigError(
-                f"probe_pruning.method={self.method!r} is invalid: expected one of "
-                f"{allowed}, or 'package.module:ClassName'"
+                f"probe_pruning.method={self.method!r} is invalid: expected a method name "
+                "or 'package.module:ClassName'"
             )
         if not isinstance(self.method_options, Mapping):
             raise ProbePruningConfigError(
@@ -201,11 +197,6 @@ class ProbePruningConfig:
         _positive_int("channel_multiple", self.channel_multiple)
         _non_negative_int("reuse_decode_steps", self.reuse_decode_steps)
         _one_of("attention_heads", self.attention_heads, ATTENTION_HEADS)
-
-    @property
-    def enabled(self) -> bool:
-        """Whether the model runs the pruned-execution path at all."""
-        return self.ratio > 0.0 or self.method in RECORDING_METHODS
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> "ProbePruningConfig":

@@ -4,5 +4,5 @@
 per-channel running statistics fused with the probe, plus calibration moments;
 ``scores``: channel and head importance (PPsp, Wanda-sp, FLAP); ``selection``:
 pruning ratios, kept counts and kept indices, and FLAP's global allocation.
-Section numbers in docstrings refer to ``shared/design/probe_pruning_spec.md``.
+Section numbers in docstrings refer to docs/algorithm.md.
 """

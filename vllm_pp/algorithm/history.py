@@ -1,4 +1,4 @@
-"""History of the output projection's input statistics (spec 2).
+"""History of the output projection's input statistics (docs/algorithm.md 2).
 
 The history ``H[b, k]`` estimates ``E[x_k^2]``, the mean squared input of
 o_proj / down_proj at channel ``k`` for tokens whose position falls in bucket
@@ -40,7 +40,7 @@ def _finite_nonneg(x: Tensor, clamp_max: float) -> Tensor:
 def fuse_probe_with_history(
     probe_sq: Tensor, history_rows: Tensor, clamp_max: float = FP16_MAX
 ) -> Tensor:
-    """Importance-scaled fusion of probe and history (spec 2.3), summed over probe rows.
+    """Importance-scaled fusion of probe and history (docs/algorithm.md 2.3), summed over probe rows.
 
     probe_sq: ``[P, C]`` squared o_proj/down_proj inputs of the P probe tokens
     (in serving each token is its own sample, so ``Pb = Z^2``, ``n_eff = 1``).
@@ -69,23 +69,28 @@ def unfused_statistic(sq: Tensor, clamp_max: float = FP16_MAX) -> Tensor:
 
 
 class StepRows(NamedTuple):
-    """The history rows one step touches, found once per step for all blocks.
+    """The history rows one step updates, found once per step for all blocks."""
 
-    ``torch.unique`` is the one place the EMA update needs a variable-sized
-    result (a device synchronisation on accelerators); computing it once per
-    step instead of once per block and step keeps the per-block update free
-    of host round trips.
-    """
-
-    rows: Tensor  # [R] LongTensor, the distinct buckets of the step, ascending
+    rows: Tensor  # [R] LongTensor, ascending history rows
     inverse: Tensor  # [T] LongTensor, index into ``rows`` of each token
-    counts: Tensor  # [R, 1] float32, tokens per row
+    counts: Tensor  # [R, 1] float32, tokens per row (0: the row is left as it is)
 
 
-def step_rows(buckets: Tensor) -> StepRows:
-    """The distinct rows of ``buckets`` ([T] LongTensor) with each token's row and the counts."""
-    rows, inverse, counts = torch.unique(buckets, return_inverse=True, return_counts=True)
-    return StepRows(rows, inverse, counts.unsqueeze(1).to(torch.float32))
+def step_rows(buckets: Tensor, num_buckets: int | None = None) -> StepRows:
+    """The rows of ``buckets`` ([T] LongTensor) with each token's row and the counts.
+
+    Without ``num_buckets``: the distinct rows only (``torch.unique``, whose
+    size is data-dependent: a device synchronisation on accelerators, cheap on
+    the CPU, and the update then touches only the step's rows). With it: all
+    ``num_buckets`` rows, counts 0 where the step has no token, in fixed-size
+    operations (no synchronisation; what a CUDA graph can hold).
+    """
+    if num_buckets is None:
+        rows, inverse, counts = torch.unique(buckets, return_inverse=True, return_counts=True)
+        return StepRows(rows, inverse, counts.unsqueeze(1).to(torch.float32))
+    counts = torch.zeros(num_buckets, 1, dtype=torch.float32, device=buckets.device)
+    counts.index_add_(0, buckets, torch.ones(buckets.numel(), 1, device=buckets.device))
+    return StepRows(torch.arange(num_buckets, device=buckets.device), buckets, counts)
 
 
 def ema_update_(
@@ -95,7 +100,7 @@ def ema_update_(
     kept: Tensor,
     momentum: float,
 ) -> Tensor:
-    """EMA update of the history from one step's full inference (spec 2.4), in place.
+    """EMA update of the history from one step's full inference (docs/algorithm.md 2.4), in place.
 
     history: ``[B, C]`` (contiguous); buckets: LongTensor ``[T]``, or the
     step's :class:`StepRows`; sq_activations: ``[T, K]`` squared inputs of the
@@ -158,15 +163,16 @@ def ema_update_layers_(
     present = flat.index_select(0, flat_rows).view(n, r, width)  # [N, R, C]
     columns = kept.unsqueeze(1).expand(n, r, k)
     old = present.gather(2, columns).float()  # [N, R, K]
-    new = torch.lerp(old, sums / rows.counts, 1.0 - momentum).to(history.dtype)
+    new = torch.lerp(old, sums / rows.counts.clamp(min=1.0), 1.0 - momentum).to(history.dtype)
     # A non-finite row keeps its old values (written back unchanged), which
     # avoids a data-dependent selection of the finite rows. A row's float32
     # sum is finite exactly when its values are (K values of at most ~1e34
     # each cannot overflow it; squared activations stay far below that).
     finite = new.sum(dim=2, keepdim=True, dtype=torch.float32).isfinite()  # [N, R, 1]
-    present.scatter_(2, columns, torch.where(finite, new, old.to(history.dtype)))
+    touched = rows.counts > 0  # [R, 1]: rows without tokens keep their values too
+    present.scatter_(2, columns, torch.where(finite & touched, new, old.to(history.dtype)))
     flat.index_copy_(0, flat_rows, present.view(n * r, width))
-    return (~finite).sum()
+    return (~finite & touched).sum()
 
 
 class MergedMoments(NamedTuple):

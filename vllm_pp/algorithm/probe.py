@@ -1,4 +1,4 @@
-"""Probe selection (spec 1.2), adapted to vLLM's flattened scheduler steps.
+"""Probe selection (docs/algorithm.md 1.2), adapted to vLLM's flattened scheduler steps.
 
 vLLM hands a layer all tokens of a step as one ``[T, D]`` matrix (prefill chunks
 and single decode tokens of several requests, no padding). There is no
@@ -47,8 +47,8 @@ def select_probe_tokens(importance: Tensor, num_probe: int) -> Tensor:
     """Indices of the ``num_probe`` most important tokens, in ascending order.
 
     importance: ``[T]``. Returns a LongTensor ``[num_probe]``; ascending order
-    keeps each request's probe tokens in causal order (spec 1.2 sorts the kept
-    indices by position). Ties go to the lower index.
+    keeps each request's probe tokens in causal order (the kept indices are
+    sorted by position, docs/algorithm.md 1.2). Ties go to the lower index.
     """
     return top_k_indices(importance, num_probe)
 
@@ -56,7 +56,7 @@ def select_probe_tokens(importance: Tensor, num_probe: int) -> Tensor:
 def select_probe_requests(
     importance: Tensor, query_start_loc: Tensor, requests_ratio: float, tokens_ratio: float
 ) -> Tensor:
-    """The paper's tokens-then-samples probe (spec 1.2), with requests as samples.
+    """The paper's tokens-then-samples probe (docs/algorithm.md 1.2), with requests as samples.
 
     importance: ``[T]`` residual norm of each token; query_start_loc:
     ``[R + 1]``, request r owns tokens ``query_start_loc[r]:query_start_loc[r+1]``.
@@ -96,7 +96,7 @@ def select_probe_requests(
 def probe_only_attention(
     q: Tensor, k: Tensor, v: Tensor, positions: Tensor, requests: Tensor, scale: float
 ) -> Tensor:
-    """The paper's attention probe (spec 1.3): causal attention among the probe tokens only.
+    """The paper's attention probe (docs/algorithm.md 1.3): causal attention among the probe tokens only.
 
     q: ``[P, H, hd]``, k and v: ``[P, KV, hd]`` of the probe tokens (rotary
     already applied at their own positions); positions, requests: ``[P]``.

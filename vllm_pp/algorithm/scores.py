@@ -1,4 +1,4 @@
-"""Channel and head importance scores (spec 3.1, 3.2 and 5).
+"""Channel and head importance scores (docs/algorithm.md 3.1, 3.2 and 5).
 
 ``W_out`` is the output projection's weight ``[D_out, C]`` (o_proj: ``C = H * hd``,
 down_proj: ``C = I``); channel ``k`` is its input column ``k``. Under tensor
@@ -20,7 +20,7 @@ def channel_weight_norm(w_out: Tensor) -> Tensor:
 
 
 def mlp_channel_scores(fused: Tensor, weight_norm: Tensor) -> Tensor:
-    """PPsp channel score ``||c_k * W[:, k]^2||_2 = c_k * weight_norm_k`` (spec 3.1).
+    """PPsp channel score ``||c_k * W[:, k]^2||_2 = c_k * weight_norm_k`` (docs/algorithm.md 3.1).
 
     fused: ``[C]`` fused statistic ``c >= 0``; weight_norm: ``[C]`` from
     :func:`channel_weight_norm`. Returns ``[C]``.
@@ -36,7 +36,7 @@ def _per_head(channel_scores: Tensor, num_heads: int) -> Tensor:
 
 
 def attention_head_scores(fused: Tensor, weight_norm: Tensor, num_heads: int) -> Tensor:
-    """PPsp head score: L2 norm of ``c_k * W[i, k]^2`` over head h's ``D x hd`` block (spec 3.2).
+    """PPsp head score: L2 norm of ``c_k * W[i, k]^2`` over head h's ``D x hd`` block (docs/algorithm.md 3.2).
 
     Since ``sum_{i,k in h} c_k^2 W[i,k]^4 = sum_{k in h} (c_k * weight_norm_k)^2``,
     this is the L2 norm of the head's per-channel scores, which avoids touching
@@ -47,7 +47,7 @@ def attention_head_scores(fused: Tensor, weight_norm: Tensor, num_heads: int) ->
 
 
 def wanda_sp_channel_scores(w_out: Tensor, sq_mean: Tensor) -> Tensor:
-    """Wanda-sp channel score ``sum_i |W[i, k]| * sqrt(E[x_k^2])`` (spec 5).
+    """Wanda-sp channel score ``sum_i |W[i, k]| * sqrt(E[x_k^2])`` (docs/algorithm.md 5).
 
     w_out: ``[D, C]``; sq_mean: ``[C]`` calibration mean of ``x_k^2``. Returns ``[C]``.
     """
@@ -60,7 +60,7 @@ def wanda_sp_head_scores(channel_scores: Tensor, num_heads: int) -> Tensor:
 
 
 def flap_channel_scores(w_out: Tensor, variance: Tensor) -> Tensor:
-    """FLAP fluctuation score ``Var(x_k) * ||W[:, k]||_2^2`` (spec 5).
+    """FLAP fluctuation score ``Var(x_k) * ||W[:, k]||_2^2`` (docs/algorithm.md 5).
 
     w_out: ``[D, C]``; variance: ``[C]`` calibration variance of ``x_k``. Returns ``[C]``.
     """

@@ -1,4 +1,4 @@
-"""Pruning ratios, kept counts and kept indices (spec 3.3, 3.5 and 5).
+"""Pruning ratios, kept counts and kept indices (docs/algorithm.md 3.3, 3.5 and 5).
 
 Counts mirror the official code's float arithmetic (``floor(r * n)``,
 ``round(., 2)``) so kept counts match its runs exactly.
@@ -14,7 +14,7 @@ from vllm_pp.algorithm.scores import flap_head_scores
 
 
 def layer_ratio(ratio: float, num_layers: int, num_skipped: int) -> float:
-    """Per-layer ratio ``r' = round(r * L / (L - skipped), 2)`` (spec 3.5), capped at 1.
+    """Per-layer ratio ``r' = round(r * L / (L - skipped), 2)`` (docs/algorithm.md 3.5), capped at 1.
 
     Spreads the model-wide ratio ``r`` over the pruned layers only. The product
     is evaluated in the official code's order (``L / (L - s) * r``) so the
@@ -30,7 +30,7 @@ def layer_ratio(ratio: float, num_layers: int, num_skipped: int) -> float:
 
 
 def num_kept_heads(num_heads: int, ratio: float) -> int:
-    """Heads kept in a layer: ``H - floor(ratio * H)``, at least 1 (spec 3.3; no rounding)."""
+    """Heads kept in a layer: ``H - floor(ratio * H)``, at least 1 (docs/algorithm.md 3.3; no rounding)."""
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     return max(1, num_heads - math.floor(ratio * num_heads))
@@ -40,7 +40,7 @@ def _round_kept_up(kept: int, width: int, multiple: int) -> int:
     """Round a kept count (>= 1) up to a multiple of ``multiple``, capped at ``width``.
 
     Equivalent to the code's "reduce the pruned count until the kept count is a
-    multiple" (spec 3.3); the cap covers widths that are not themselves multiples.
+    multiple" (docs/algorithm.md 3.3); the cap covers widths that are not themselves multiples.
     """
     if multiple < 1:
         raise ValueError(f"multiple must be >= 1, got {multiple}")
@@ -65,7 +65,8 @@ def top_k_indices(scores: Tensor, k: int) -> Tensor:
     scores: ``[N]`` float. Returns LongTensor ``[k]``. Exact, deterministic
     ties: among units tied with the k-th highest score the lower indices win.
     NaN scores rank lowest (an undefined score is no evidence that a unit
-    matters).
+    matters). Every operation has a size known from ``N`` and ``k`` alone, so
+    nothing waits for the device (no ``nonzero``) and a CUDA graph can hold it.
     """
     if scores.dim() != 1 or not 0 <= k <= scores.numel():
         raise ValueError(f"need 1-D scores and 0 <= k <= N, got {tuple(scores.shape)}, k={k}")
@@ -77,12 +78,15 @@ def top_k_indices(scores: Tensor, k: int) -> Tensor:
         return torch.zeros(0, dtype=torch.long, device=scores.device)
     # Everything above the k-th score, then the lowest-index ties with it.
     # (topk's own tie order is unspecified; two stable sorts give the same
-    # result but cost 3.6x as much at 11008 scores on the CPU.)
+    # result at several times the cost on the CPU.)
     threshold = torch.topk(ranked, k, sorted=False).values.min()
     above = ranked > threshold
     ties = ranked == threshold
-    kept = above | (ties & (ties.cumsum(0) <= k - above.sum()))
-    return kept.nonzero().squeeze(1)
+    kept = above | (ties & (ties.cumsum(0) <= k - above.sum()))  # exactly k True
+    # The i-th kept unit goes to slot i; the others to a spare slot k, dropped.
+    slots = torch.where(kept, kept.cumsum(0) - 1, k)
+    units = torch.arange(scores.numel(), device=scores.device)
+    return torch.empty(k + 1, dtype=torch.long, device=scores.device).scatter_(0, slots, units)[:k]
 
 
 def kept_heads_to_channels(kept_heads: Tensor, head_dim: int) -> Tensor:
@@ -115,7 +119,7 @@ def flap_allocation(
     channel_cost: float,
     channel_multiple: int = 1,
 ) -> tuple[list[int], list[int]]:
-    """FLAP's global adaptive structure (spec 5, steps 1-5): kept units per layer.
+    """FLAP's global adaptive structure (docs/algorithm.md 5, steps 1-5): kept units per layer.
 
     attention_channel_scores: per pruned layer, ``[H * hd]`` FLAP channel scores
     of o_proj; mlp_channel_scores: per pruned layer, ``[I_l]`` scores of
@@ -137,7 +141,7 @@ def flap_allocation(
     head dim): a channel costs ``3 * D`` (gate, up, down); an MHA head costs
     ``4 * D * hd`` (q, k, v, o rows/columns), and the official code adds the
     attention core ``2 * S * hd`` for context length S (``max_seq_len``). Under
-    GQA K/V are not pruned (spec 3.4), so a head costs ``2 * D * hd`` (q, o)
+    GQA K/V are not pruned (docs/algorithm.md 3.4), so a head costs ``2 * D * hd`` (q, o)
     plus the core, as in the code.
 
     Returns ``(kept_heads, kept_channels)``: one int per layer of each list.

@@ -1,7 +1,7 @@
 """Probe Pruning (PP) and its full-batch upper bound, in vLLM's per-step form.
 
-Per step and pruned block (spec sections 1-3, serving departures in
-docs/design.md):
+Per step and pruned block (docs/algorithm.md 1-3; the serving departures are
+measured in docs/design.md):
 
 1. rank the step's tokens by the L2 norm of the residual entering the block and
    take the top ``probe.ratio`` share as the probe;
@@ -46,29 +46,16 @@ from vllm_pp.algorithm.probe import (
     token_importance,
 )
 from vllm_pp.algorithm.scores import attention_head_scores, channel_weight_norm, mlp_channel_scores
-from vllm_pp.algorithm.selection import (
-    layer_ratio,
-    num_kept_channels,
-    num_kept_heads,
-    top_k_indices,
-)
+from vllm_pp.algorithm.selection import top_k_indices
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.methods.base import PrunableBlock, PruningMethod, WorkerInfo
-from vllm_pp.methods.calibration import load_calibration
-from vllm_pp.profiling import timed
-from vllm_pp.statistics import tensor_name
-from vllm_pp.step import StepBatch
+from vllm_pp.methods.base import PrunableBlock, PruningMethod, StepBatch, WorkerInfo
+from vllm_pp.observability.profiling import timed
+from vllm_pp.storage.calibration import load_calibration
+from vllm_pp.storage.statistics import tensor_name
 
 
 # Activations one step's deferred EMA updates may hold before they run.
 PENDING_UPDATE_BYTES = 32 * 2**20
-
-
-def kept_unit_count(block: PrunableBlock, ratio: float, channel_multiple: int) -> int:
-    """Units a block keeps at per-layer ratio ``ratio`` (heads exact, channels rounded up)."""
-    if block.kind == "attention":
-        return num_kept_heads(block.num_units, ratio)
-    return num_kept_channels(block.num_units, ratio, channel_multiple)
 
 
 @dataclass(frozen=True)
@@ -85,10 +72,12 @@ class _StepState:
 class ProbePruningMethod(PruningMethod):
     """PP: probe + calibrated history + PPsp, decided every step."""
 
+    name = "probe"
+    keeps_history = True
+
     def __init__(self, config, blocks: list[PrunableBlock], worker: WorkerInfo) -> None:
         super().__init__(config, blocks, worker)
-        ratio = layer_ratio(config.ratio, worker.num_layers, len(config.skip_layers))
-        self.kept_counts = {b: kept_unit_count(b, ratio, config.channel_multiple) for b in blocks}
+        self.kept_counts = {b: self.kept_unit_count(b) for b in blocks}
         # position_bucket_size 0: one history row shared by all positions.
         self.bucket_size = config.history.position_bucket_size or worker.max_model_len
         self.num_buckets = math.ceil(worker.max_model_len / self.bucket_size)
@@ -111,6 +100,7 @@ class ProbePruningMethod(PruningMethod):
             b: self._history_groups[group][slot] for b, (group, slot) in self._history_slot.items()
         }
         self._pending = _PendingUpdates()
+        self._slot_indices: dict[tuple, torch.Tensor] = {}  # device copies of the update's block slots
         self.weight_norms: dict[PrunableBlock, torch.Tensor] = {}
         # Accumulated on the history's device; read only by skipped_history_rows.
         self._skipped_rows = torch.zeros((), dtype=torch.int64)
@@ -126,7 +116,7 @@ class ProbePruningMethod(PruningMethod):
     def prepare(self, output_weights: Mapping[PrunableBlock, torch.Tensor]) -> None:
         self.weight_norms = {b: channel_weight_norm(w) for b, w in output_weights.items()}
         if self.config.calibration:
-            calibration = load_calibration(self.config.calibration, self.worker, self.blocks)
+            calibration = load_calibration(self.config.calibration, self.worker.shard_owner, self.blocks)
             for block in self.blocks:
                 rows = calibration.bucketed_sq_mean(block, self.bucket_size, self.num_buckets)
                 self.history[block].copy_(rows)
@@ -151,9 +141,12 @@ class ProbePruningMethod(PruningMethod):
     @timed("history update")
     def end_step(self, batch: StepBatch) -> None:
         for (group, _), (slots, channels, activations) in self._pending.drain():
+            key = (group, tuple(slots))
+            if key not in self._slot_indices:  # the same blocks update at every step: made once
+                self._slot_indices[key] = torch.tensor(slots, device=channels.device)
             self._skipped_rows += ema_update_layers_(
                 self._history_groups[group],
-                torch.tensor(slots, device=channels.device),
+                self._slot_indices[key],
                 self._step_state(batch).rows,
                 activations.square_(),
                 channels,
@@ -181,7 +174,10 @@ class ProbePruningMethod(PruningMethod):
         if not reuse:
             self._decision_requests = batch.num_requests
         decided_at = previous.decided_at if reuse else batch.index
-        return _StepState(batch.index, buckets, step_rows(buckets), reuse, decided_at)
+        # Capturable: every history row, in fixed-size operations; otherwise (the
+        # CPU, where waiting costs nothing) only the step's rows.
+        rows = step_rows(buckets, self.num_buckets if self.capturable else None)
+        return _StepState(batch.index, buckets, rows, reuse, decided_at)
 
     @timed("probe")
     def _probe(self, batch: StepBatch, residual, probe) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,6 +247,10 @@ class ProbePruningMethod(PruningMethod):
         for block, rows in self.history.items():
             rows.copy_(tensors[f"layers.{block.layer_index}.{block.kind}.history"])
 
+    def history_health(self) -> dict:
+        nonfinite = sum(int((~group.isfinite()).sum()) for group in self._history_groups.values())
+        return {"nonfinite_values": nonfinite, "skipped_rows": self.skipped_history_rows}
+
 
 class _PendingUpdates:
     """One step's EMA updates, held until :meth:`ProbePruningMethod.end_step`.
@@ -261,9 +261,8 @@ class _PendingUpdates:
 
     A group stacks into a buffer kept across steps (grown, never shrunk) and
     is squared there: on the CPU a fresh tensor of a prefill step's size (tens
-    of MiB) is mapped and page-faulted anew each time (a flush of 5 SmolLM2 MLP
-    blocks x 2048 tokens: 89 ms with fresh tensors, 20 ms in the buffer;
-    docs/design.md).
+    of MiB) is mapped and page-faulted anew each time (measured in
+    docs/design.md, "The history update's stacking buffer").
     """
 
     def __init__(self) -> None:
@@ -295,17 +294,3 @@ class _PendingUpdates:
         if self._buffer.numel() < size or self._buffer.device != activations[0].device:
             self._buffer = torch.empty(size, dtype=torch.float32, device=activations[0].device)
         return torch.stack(activations, out=self._buffer[:size].view(shape))
-
-
-class FullBatchProbing(ProbePruningMethod):
-    """The paper's upper bound: every token is the probe, no history."""
-
-    def decide(self, block, batch: StepBatch, residual, probe):
-        rows = torch.arange(batch.num_tokens, device=residual.device)
-        return self._keep(block, unfused_statistic(probe(rows).float().square()))
-
-    def update(self, block, batch, kept, activations) -> None:
-        pass
-
-    def history_layout(self) -> None:
-        return None

@@ -1,1 +1,0 @@
-"""vLLM model classes with probe pruning."""

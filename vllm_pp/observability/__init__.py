@@ -1,0 +1,1 @@
+"""What pruning reports: worker counters and snapshots, the API server's collector, profiling sections."""

@@ -1,0 +1,1 @@
+"""Files: calibration statistics and per-rank history shards (safetensors + JSON metadata)."""
