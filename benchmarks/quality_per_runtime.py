@@ -8,7 +8,7 @@ Perplexities come from the evaluator's results (``benchmarks/quality.py``,
 rounds), so every method's runtime is measured side by side.
 
     python benchmarks/quality_per_runtime.py \\
-        --throughput benchmarks/results/throughput_smollm2_quick_session6.json
+        --throughput benchmarks/results/throughput_smollm2_quick_2026-11-29.json
 
 Writes ``quality_per_runtime_<throughput file's stem>.json`` next to it and prints a table.
 A method that is not faster than vanilla has no ratio (no runtime reduction).
