@@ -29,14 +29,13 @@ Writes benchmarks/results/gpu_step_<device>_<shape>.json and a PNG next to it.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import median_ms, write_results  # benchmarks/ is on sys.path when run as a script
 
 from vllm_pp.config import ProbePruningConfig
 from vllm_pp.tools.block_stack import BlockStack, StackShape, StepInputs, step_inputs, synchronisations
@@ -75,31 +74,6 @@ def inputs_of(shape: StackShape, tokens: int, seed: int, **tensor) -> StepInputs
     return step_inputs(shape, query, context, torch.Generator().manual_seed(seed), **tensor)
 
 
-class Timer:
-    """Median milliseconds of a call: CUDA events on CUDA, wall time on the CPU."""
-
-    def __init__(self, device: torch.device, repeats: int):
-        self.device, self.repeats = device, repeats
-
-    def __call__(self, call) -> float:
-        for _ in range(3):
-            call()
-        times = []
-        for _ in range(self.repeats):
-            if self.device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                started = time.perf_counter()
-                call()
-                times.append(1e3 * (time.perf_counter() - started))
-        return statistics.median(times)
-
-
 def graphed(call):
     """``call`` captured once in a CUDA graph: (replay, the captured output)."""
     stream = torch.cuda.Stream()
@@ -121,7 +95,7 @@ def count_syncs(call) -> int:
     return len(names)
 
 
-def measure(engine: str, shape: StackShape, tokens: int, args, timer: Timer, **tensor) -> dict:
+def measure(engine: str, shape: StackShape, tokens: int, args, timer, **tensor) -> dict:
     """One engine at one step size: eager (and graphed) ms, syncs, graph check, memory."""
 
     def make(reuse: int | None = None) -> BlockStack:
@@ -140,7 +114,7 @@ def measure(engine: str, shape: StackShape, tokens: int, args, timer: Timer, **t
     result["eager_ms"] = timer(lambda: [step(inputs) for _ in range(cycle)]) / cycle
     result["extra_weight_bytes"] = stack.packed_bytes()
     result["stack_weight_bytes"] = stack.weight_bytes()
-    if timer.device.type != "cuda":
+    if tensor["device"].type != "cuda":
         return result
     torch.cuda.set_sync_debug_mode("error")
     try:
@@ -195,7 +169,9 @@ def main(argv=None) -> int:
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device(args.device)
     tensor = {"device": device, "dtype": getattr(torch, args.dtype)}
     shape = SHAPES[args.shape]
-    timer = Timer(device, args.repeats)
+    def timer(call) -> float:
+        return median_ms(call, device, args.repeats)
+
     started = time.monotonic()
     results = {
         "command": " ".join(["python", "benchmarks/gpu_step.py", *(argv if argv is not None else sys.argv[1:])]),
@@ -212,11 +188,8 @@ def main(argv=None) -> int:
                 log(f"{engine} {tokens} tokens: {results['engines'][engine][str(tokens)]}")
     add_ratios(results)
     results["seconds"] = time.monotonic() - started
-    out = args.out or RESULTS / f"gpu_step_{device.type}_{args.shape}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    out = write_results(args.out or RESULTS / f"gpu_step_{device.type}_{args.shape}.json", results)
     plot(results, out.with_suffix(".png"))
-    print(out)
     return 0
 
 

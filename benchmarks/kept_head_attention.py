@@ -23,13 +23,13 @@ nothing about speed. Writes benchmarks/results/kept_head_attention_<device>.json
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import median_ms, write_results  # benchmarks/ is on sys.path when run as a script
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BLOCK_SIZE = 16
@@ -38,26 +38,6 @@ H200_BANDWIDTH = 4.8e12  # bytes/s, the H200's HBM3e
 
 def log(message: str) -> None:
     print(f"[kept_head_attention] {message}", file=sys.stderr, flush=True)
-
-
-def timed_ms(call, device: torch.device, repeats: int) -> float:
-    """Median milliseconds (CUDA events on CUDA)."""
-    for _ in range(2):
-        call()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            call()
-            times.append(1e3 * (time.perf_counter() - started))
-    return sorted(times)[len(times) // 2]
 
 
 def case(batch: int, context: int, args, device: torch.device, dtype: torch.dtype) -> dict:
@@ -94,7 +74,7 @@ def case(batch: int, context: int, args, device: torch.device, dtype: torch.dtyp
     result = {"batch": batch, "context": context, "kept_heads": keep, "kv_heads_read_kept": read_kv_heads}
     for name, call, kv_heads_read in (("kernel-all", kernel(every), kv_heads), ("kernel-kept", kernel(kept), read_kv_heads),
                                       ("sdpa", sdpa, kv_heads)):
-        ms = timed_ms(call, device, args.repeats)
+        ms = median_ms(call, device, args.repeats, warmup=2)
         result[name] = {"ms": ms, "kv_bytes": kv_bytes_per_head * kv_heads_read,
                         "bandwidth_bytes_per_s": kv_bytes_per_head * kv_heads_read / (ms / 1e3)}
     result["kept_speedup"] = result["kernel-all"]["ms"] / result["kernel-kept"]["ms"]
@@ -136,10 +116,7 @@ def main(argv=None) -> int:
         "timing": "CUDA events, median" if device.type == "cuda" else "wall time, median", "cases": cases,
         "seconds": time.monotonic() - started,
     }
-    out = args.out or RESULTS / f"kept_head_attention_{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(out)
+    write_results(args.out or RESULTS / f"kept_head_attention_{device.type}.json", results)
     return 0
 
 
