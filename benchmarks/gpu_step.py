@@ -95,8 +95,9 @@ def count_syncs(call) -> int:
     return len(names)
 
 
-def measure(engine: str, shape: StackShape, tokens: int, args, timer, **tensor) -> dict:
-    """One engine at one step size: eager (and graphed) ms, syncs, graph check, memory."""
+def run_engine(engine: str, shape: StackShape, args, timer, **tensor) -> tuple[dict, float | None]:
+    """One engine at every step size: per size eager (and graphed) ms, syncs, memory; and
+    (CUDA) the graph check. Stacks are built once per engine (weights of 7B widths take time)."""
 
     def make(reuse: int | None = None) -> BlockStack:
         config = config_of(engine, args.ratio, shape, reuse)
@@ -105,34 +106,45 @@ def measure(engine: str, shape: StackShape, tokens: int, args, timer, **tensor) 
     def step_of(stack: BlockStack):
         return stack.dense_step if engine == "dense" else stack.step
 
-    stack = make()
+    cuda = tensor["device"].type == "cuda"
+    stack, runs = make(), {}
     step = step_of(stack)
-    inputs = inputs_of(shape, tokens, seed=tokens, **tensor)
-    result = {"syncs_per_step": count_syncs(lambda: step(inputs))}
-    # pp-reuse at decode steps: a decision, then ``reuse_decode_steps`` steps keeping it.
-    cycle = stack.pruning.config.reuse_decode_steps + 1 if engine == "pp-reuse" and tokens <= 64 else 1
-    result["eager_ms"] = timer(lambda: [step(inputs) for _ in range(cycle)]) / cycle
-    result["extra_weight_bytes"] = stack.packed_bytes()
-    result["stack_weight_bytes"] = stack.weight_bytes()
-    if tensor["device"].type != "cuda":
-        return result
+    # pp-reuse at decode steps, graphed: a deciding graph and a reusing one, weighted as the cycle runs them.
+    deciding = reusing = None
+    for tokens in args.tokens:
+        inputs = inputs_of(shape, tokens, seed=tokens, **tensor)
+        run = {"syncs_per_step": count_syncs(lambda: step(inputs))}
+        # pp-reuse at decode steps: a decision, then ``reuse_decode_steps`` steps keeping it.
+        cycle = stack.pruning.config.reuse_decode_steps + 1 if engine == "pp-reuse" and tokens <= 64 else 1
+        run["eager_ms"] = timer(lambda: [step(inputs) for _ in range(cycle)]) / cycle
+        run["extra_weight_bytes"] = stack.packed_bytes()
+        run["stack_weight_bytes"] = stack.weight_bytes()
+        if cuda:
+            run["sync_debug_mode"] = sync_debug_check(lambda: step(inputs))
+            if cycle == 1:
+                run["graphed_ms"] = timer(graphed(lambda: step(inputs))[0])
+            else:
+                deciding, reusing = deciding or make(reuse=0), reusing or make(reuse=10**9)
+                decide_ms = timer(graphed(lambda: deciding.step(inputs))[0])
+                reuse_ms = timer(graphed(lambda: reusing.step(inputs))[0])
+                run["graphed_ms"] = (decide_ms + (cycle - 1) * reuse_ms) / cycle
+        runs[str(tokens)] = run
+        log(f"{engine} {tokens} tokens: {run}")
+    stack = deciding = reusing = None  # freed before the graph check builds its twins
+    difference = graph_difference(make, step_of, inputs_of(shape, args.tokens[0], seed=0, **tensor)) if cuda else None
+    return runs, difference
+
+
+def sync_debug_check(call) -> str:
+    """torch's own check on CUDA: does ``call`` synchronise?"""
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step(inputs)  # raises on a synchronising call
-        result["sync_debug_mode"] = "no synchronisation"
+        call()
+        return "no synchronisation"
     except RuntimeError as error:
-        result["sync_debug_mode"] = f"synchronised: {str(error).splitlines()[0]}"
+        return f"synchronised: {str(error).splitlines()[0]}"
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    if cycle == 1:
-        result["graphed_ms"] = timer(graphed(lambda: step(inputs))[0])
-    else:  # a deciding graph and a reusing one, weighted as the cycle runs them
-        deciding, reusing = make(reuse=0), make(reuse=10**9)
-        decide_ms = timer(graphed(lambda: deciding.step(inputs))[0])
-        reuse_ms = timer(graphed(lambda: reusing.step(inputs))[0])
-        result["graphed_ms"] = (decide_ms + (cycle - 1) * reuse_ms) / cycle
-    result["graph_max_abs_difference"] = graph_difference(make, step_of, inputs)
-    return result
 
 
 def graph_difference(make, step_of, inputs: StepInputs) -> float:
@@ -172,20 +184,23 @@ def main(argv=None) -> int:
     def timer(call) -> float:
         return median_ms(call, device, args.repeats)
 
+
     started = time.monotonic()
     results = {
         "command": " ".join(["python", "benchmarks/gpu_step.py", *(argv if argv is not None else sys.argv[1:])]),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "dtype": args.dtype, "shape": vars(shape) | {"skip_layers": list(shape.skip_layers)},
         "ratio": args.ratio, "repeats": args.repeats, "capturable": args.capturable, "timing": "CUDA events, median" if device.type == "cuda"
-        else "wall time, median", "l2_flushed": False, "engines": {},
+        else "wall time, median", "l2_flushed": False, "engines": {}, "graph_max_abs_difference": {},
     }
     with torch.inference_mode():
         for engine in args.engines:
-            results["engines"][engine] = {}
-            for tokens in args.tokens:
-                results["engines"][engine][str(tokens)] = measure(engine, shape, tokens, args, timer, **tensor)
-                log(f"{engine} {tokens} tokens: {results['engines'][engine][str(tokens)]}")
+            runs, difference = run_engine(engine, shape, args, timer, **tensor)
+            results["engines"][engine] = runs
+            if difference is not None:
+                results["graph_max_abs_difference"][engine] = difference
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     add_ratios(results)
     results["seconds"] = time.monotonic() - started
     out = write_results(args.out or RESULTS / f"gpu_step_{device.type}_{args.shape}.json", results)

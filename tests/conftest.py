@@ -15,6 +15,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device", default="cpu",
+        help="torch device of the torch-only runtime tests (test_capturable, test_packed_execution, "
+             "test_paged_attention); e.g. cuda on a GPU machine without vLLM",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request):
+    import torch
+
+    return torch.device(request.config.getoption("--device"))
+
+
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     from vllm_pp.tools.default_model import prepare_default_model

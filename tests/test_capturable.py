@@ -9,6 +9,8 @@ steps without it must give the same decisions and outputs.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -39,27 +41,28 @@ def no_synchronisation():
 def _run(stack: BlockStack, steps=STEPS) -> tuple[list[torch.Tensor], list[dict]]:
     generator = torch.Generator().manual_seed(1)
     outputs, decisions = [], []
+    device = stack.layers[0].o_proj.weight.device
     for query_lens, context_lens in steps:
-        inputs = step_inputs(SHAPE, query_lens, context_lens, generator, dtype=torch.float32)
+        inputs = step_inputs(SHAPE, query_lens, context_lens, generator, device=device, dtype=torch.float32)
         outputs.append(stack.step(inputs))
         decisions.append({p.block: p.adapter.packed.kept for p in stack.pruning._pruners})
     return outputs, decisions
 
 
-def _stack(capturable: bool, reuse: int = 2) -> BlockStack:
+def _stack(capturable: bool, reuse: int = 2, device: torch.device = torch.device("cpu")) -> BlockStack:
     config = ProbePruningConfig.from_dict({
         "ratio": 0.4, "skip_layers": list(SHAPE.skip_layers), "channel_multiple": 8,
         "reuse_decode_steps": reuse, "history": {"position_bucket_size": 16},
     })
-    return BlockStack(SHAPE, config, capturable=capturable, dtype=torch.float32)
+    return BlockStack(SHAPE, config, capturable=capturable, device=device, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("reuse", [0, 2])
-def test_capturable_steps_never_synchronise_and_match_the_cpu_path(reuse):
-    reference = _stack(capturable=False, reuse=reuse)
+def test_capturable_steps_never_synchronise_and_match_the_synchronising_path(reuse, device):
+    reference = _stack(capturable=False, reuse=reuse, device=device)  # synchronises: allowed here
     reference_outputs, reference_decisions = _run(reference)
-    stack = _stack(capturable=True, reuse=reuse)
-    with no_synchronisation():
+    stack = _stack(capturable=True, reuse=reuse, device=device)
+    with no_synchronisation(), cuda_sync_debug_error(device):
         outputs, decisions = _run(stack)
     for got, want in zip(outputs, reference_outputs):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # packed slot order differs: GEMM sums reorder
@@ -69,6 +72,44 @@ def test_capturable_steps_never_synchronise_and_match_the_cpu_path(reuse):
     for block, rows in reference.pruning.method.history.items():
         torch.testing.assert_close(stack.pruning.method.history[block], rows, rtol=1e-4, atol=1e-6)
     assert stack.pruning.method.skipped_history_rows == 0
+
+
+@contextlib.contextmanager
+def cuda_sync_debug_error(device: torch.device):
+    """On CUDA, torch's own check as well: a synchronising call raises."""
+    if device.type != "cuda":
+        yield
+        return
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_captured_step_replays_what_eager_steps_compute(device):
+    """CUDA only: a whole PP step (decision, packing, GEMMs, history update) captured once and
+    replayed on new inputs gives what an eager twin computes."""
+    if device.type != "cuda":
+        pytest.skip("CUDA graphs need a CUDA device (run with --device cuda)")
+    eager, captured = (_stack(capturable=True, reuse=0, device=device) for _ in range(2))
+    generator = torch.Generator().manual_seed(3)
+    static = step_inputs(SHAPE, [30, 1, 1], [0, 40, 41], generator, device=device, dtype=torch.float32)
+    for stack in (eager, captured):  # the same warm-up steps: decisions and history alike
+        for _ in range(3):
+            stack.step(static)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = captured.step(static)
+    for seed in range(3):
+        fresh = step_inputs(SHAPE, [30, 1, 1], [0, 40, 41], torch.Generator().manual_seed(10 + seed),
+                            device=device, dtype=torch.float32)
+        static.hidden.copy_(fresh.hidden)
+        static.attention.copy_(fresh.attention)
+        graph.replay()
+        torch.testing.assert_close(output, eager.step(static), rtol=1e-4, atol=1e-4)
+    for block, rows in eager.pruning.method.history.items():
+        torch.testing.assert_close(captured.pruning.method.history[block], rows, rtol=1e-4, atol=1e-6)
 
 
 def test_the_check_catches_the_synchronising_path():

@@ -43,11 +43,12 @@ def _decisions(num_units: int, keep: int, steps: int, seed: int):
 
 
 @pytest.mark.parametrize("capturable", [False, True], ids=["swap", "gather-in-place"])
-def test_packed_units_hold_the_kept_rows(capturable):
+def test_packed_units_hold_the_kept_rows(capturable, device):
     unit_rows, num_units, keep = 3, 10, 6
-    source = torch.randn(2, num_units * unit_rows, 5)
+    source = torch.randn(2, num_units * unit_rows, 5).to(device)
     packed = PackedUnits([source], unit_rows, capturable=capturable)
     for kept in _decisions(num_units, keep, steps=8, seed=0):
+        kept = kept.to(device)
         packed.load(kept)
         rows = kept_heads_to_channels(kept, unit_rows)
         # Every kept unit is in exactly one slot, with its own rows.
@@ -58,11 +59,11 @@ def test_packed_units_hold_the_kept_rows(capturable):
         assert sorted(packed.slot_rows.tolist()) == rows.tolist()
 
 
-def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
+def test_gated_mlp_and_attention_output_equal_masked_dense_blocks(device):
     hidden, width, heads, head_dim = 8, 12, 4, 2
-    gate_up = _linear(torch.randn(2 * width, hidden))
-    down = _linear(torch.randn(hidden, width), bias=torch.randn(hidden))
-    o_proj = _linear(torch.randn(hidden, heads * head_dim))
+    gate_up = _linear(torch.randn(2 * width, hidden).to(device))
+    down = _linear(torch.randn(hidden, width).to(device), bias=torch.randn(hidden).to(device))
+    o_proj = _linear(torch.randn(hidden, heads * head_dim).to(device))
     dense_down, dense_o = down.weight.clone(), o_proj.weight.clone()
 
     def act(gate_up_out):  # SiluAndMul
@@ -71,24 +72,25 @@ def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
 
     mlp = PrunedMLP(gate_up, act, OutputProjection(down), gated=True)
     attention = PrunedAttentionOutput(OutputProjection(o_proj), head_dim)
-    x = torch.randn(5, hidden)
+    x = torch.randn(5, hidden).to(device)
     dense_output = mlp.dense(x)
     mlp.prepare()
     attention.prepare()
     # The parameters keep their values and shapes; only their memory layout changed.
     assert torch.equal(down.weight, dense_down) and down.weight.t().is_contiguous()
     torch.testing.assert_close(mlp.dense(x), dense_output)
-    heads_out = torch.randn(5, heads * head_dim)
-    correction = torch.randn(hidden)
+    heads_out = torch.randn(5, heads * head_dim).to(device)
+    correction = torch.randn(hidden).to(device)
     for kept, kept_heads in zip(_decisions(width, 7, 6, seed=1), _decisions(heads, 2, 6, seed=2)):
+        kept, kept_heads = kept.to(device), kept_heads.to(device)
         output, intermediate, channels = mlp.pruned(x, kept, correction)
-        mask = torch.zeros(width)
+        mask = torch.zeros(width, device=device)
         mask[kept] = 1.0
         full = act(F.linear(x, gate_up.weight))
         torch.testing.assert_close(output, F.linear(full * mask, dense_down) + correction + down.bias)
         assert sorted(channels.tolist()) == kept.tolist()
         torch.testing.assert_close(intermediate, full[:, channels])
-        probe_rows = torch.tensor([0, 3])
+        probe_rows = torch.tensor([0, 3], device=device)
         torch.testing.assert_close(mlp.probe(x, probe_rows), full[probe_rows])
 
         output, kept_out, channels = attention.pruned(AllHeadsAttention(heads_out), kept_heads, None)
@@ -98,18 +100,19 @@ def test_gated_mlp_and_attention_output_equal_masked_dense_blocks():
         assert torch.equal(kept_out, heads_out[:, channels])
 
 
-def test_plain_mlp_with_bias_equals_masked_dense_block():
+def test_plain_mlp_with_bias_equals_masked_dense_block(device):
     hidden, width = 6, 9
-    fc1 = _linear(torch.randn(width, hidden), bias=torch.randn(width))
-    fc2 = _linear(torch.randn(hidden, width), bias=torch.randn(hidden))
+    fc1 = _linear(torch.randn(width, hidden).to(device), bias=torch.randn(width).to(device))
+    fc2 = _linear(torch.randn(hidden, width).to(device), bias=torch.randn(hidden).to(device))
     dense_fc2 = fc2.weight.clone()
     mlp = PrunedMLP(fc1, torch.relu, OutputProjection(fc2), gated=False)
     mlp.prepare()
-    x = torch.randn(3, hidden)
+    x = torch.randn(3, hidden).to(device)
     for kept in _decisions(width, 4, 6, seed=3):
+        kept = kept.to(device)
         output, intermediate, channels = mlp.pruned(x, kept, None)
         full = torch.relu(F.linear(x, fc1.weight, fc1.bias))
-        mask = torch.zeros(width)
+        mask = torch.zeros(width, device=device)
         mask[kept] = 1.0
         torch.testing.assert_close(output, F.linear(full * mask, dense_fc2, fc2.bias))
         assert sorted(channels.tolist()) == kept.tolist()

@@ -12,12 +12,9 @@ import torch
 
 from vllm_pp.runtime import paged_attention
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
 @pytest.fixture(autouse=True, scope="module")
-def interpreter_on_the_cpu():
-    if DEVICE == "cpu":
+def interpreter_on_the_cpu(device):
+    if device.type == "cpu":
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("TRITON_INTERPRET", "1")
             paged_attention._kernel.cache_clear()
@@ -27,23 +24,23 @@ def interpreter_on_the_cpu():
         yield
 
 
-def paged_cache(contexts, num_kv_heads, head_dim, block_size, dtype, generator, packed):
+def paged_cache(contexts, num_kv_heads, head_dim, block_size, dtype, generator, packed, device):
     """K and V of every request in shuffled pages; vLLM 0.32's packed layout when ``packed``."""
     num_blocks = sum(-(-c // block_size) for c in contexts) + 3
     shape = (num_blocks, num_kv_heads, block_size, 2 * head_dim) if packed else (num_blocks, block_size, num_kv_heads, head_dim)
     if packed:
-        kv = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+        kv = torch.randn(shape, generator=generator).to(device, dtype)
         key_cache, value_cache = kv.transpose(1, 2).split(head_dim, dim=-1)
     else:
-        key_cache = torch.randn(shape, generator=generator).to(DEVICE, dtype)
-        value_cache = torch.randn(shape, generator=generator).to(DEVICE, dtype)
+        key_cache = torch.randn(shape, generator=generator).to(device, dtype)
+        value_cache = torch.randn(shape, generator=generator).to(device, dtype)
     pages = torch.randperm(num_blocks, generator=generator).tolist()
     width = max(-(-c // block_size) for c in contexts)
     block_table = torch.zeros(len(contexts), width, dtype=torch.int32)
     for request, context in enumerate(contexts):
         for page in range(-(-context // block_size)):
             block_table[request, page] = pages.pop()
-    return key_cache, value_cache, block_table.to(DEVICE)
+    return key_cache, value_cache, block_table.to(device)
 
 
 def reference(query, key_cache, value_cache, block_table, contexts, kept, scale):
@@ -67,15 +64,16 @@ def reference(query, key_cache, value_cache, block_table, contexts, kept, scale)
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("packed", [True, False], ids=["vllm-packed", "separate"])
-def test_kept_heads_equal_plain_attention_over_the_gathered_context(num_heads, num_kv_heads, block_size, dtype, packed):
+def test_kept_heads_equal_plain_attention_over_the_gathered_context(num_heads, num_kv_heads, block_size, dtype, packed,
+                                                                   device):
     generator = torch.Generator().manual_seed(0)
     head_dim, contexts = 32, [1, 17, 50, 33]
-    key_cache, value_cache, block_table = paged_cache(contexts, num_kv_heads, head_dim, block_size, dtype, generator, packed)
-    query = torch.randn(len(contexts), num_heads, head_dim, generator=generator).to(DEVICE, dtype)
-    seq_lens = torch.tensor(contexts, dtype=torch.int32, device=DEVICE)
+    key_cache, value_cache, block_table = paged_cache(contexts, num_kv_heads, head_dim, block_size, dtype, generator, packed, device)
+    query = torch.randn(len(contexts), num_heads, head_dim, generator=generator).to(device, dtype)
+    seq_lens = torch.tensor(contexts, dtype=torch.int32, device=device)
     tolerance = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
     for kept in (torch.arange(num_heads), torch.tensor([num_heads - 1, 0, 2])):  # every head; a subset, any order
-        kept = kept.to(DEVICE)
+        kept = kept.to(device)
         got = paged_attention.kept_head_decode_attention(
             query, key_cache, value_cache, block_table, seq_lens, kept, scale=head_dim**-0.5)
         assert got.shape == (len(contexts), kept.numel(), head_dim) and got.dtype == dtype
@@ -83,18 +81,18 @@ def test_kept_heads_equal_plain_attention_over_the_gathered_context(num_heads, n
         torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=tolerance, atol=tolerance)
 
 
-def test_a_pruned_kv_group_leaves_the_kept_heads_alone():
+def test_a_pruned_kv_group_leaves_the_kept_heads_alone(device):
     """A KV head none of whose query heads is kept (its program reads no page): NaN there
     reaches no kept head's output."""
     generator = torch.Generator().manual_seed(1)
     head_dim, contexts, num_heads, num_kv_heads = 16, [20, 5], 8, 4
-    key_cache, value_cache, block_table = paged_cache(contexts, num_kv_heads, head_dim, 16, torch.float32, generator, packed=False)
+    key_cache, value_cache, block_table = paged_cache(contexts, num_kv_heads, head_dim, 16, torch.float32, generator, False, device)
     key_cache[:, :, 1] = float("nan")  # KV head 1 serves query heads 2 and 3
     value_cache[:, :, 1] = float("nan")
-    query = torch.randn(2, num_heads, head_dim, generator=generator).to(DEVICE)
-    kept = torch.tensor([0, 1, 5, 6], device=DEVICE)
+    query = torch.randn(2, num_heads, head_dim, generator=generator).to(device)
+    kept = torch.tensor([0, 1, 5, 6], device=device)
     got = paged_attention.kept_head_decode_attention(
-        query, key_cache, value_cache, block_table, torch.tensor(contexts, dtype=torch.int32, device=DEVICE),
+        query, key_cache, value_cache, block_table, torch.tensor(contexts, dtype=torch.int32, device=device),
         kept, scale=0.25)
     assert torch.isfinite(got).all()
     want = reference(query, key_cache, value_cache, block_table.cpu(), contexts, kept.cpu(), 0.25)

@@ -48,8 +48,9 @@ class Linear(torch.nn.Module):
 
     def __init__(self, out_features: int, in_features: int, generator: torch.Generator, **tensor):
         super().__init__()
-        weight = torch.randn(out_features, in_features, generator=generator) / in_features**0.5
-        self.weight = torch.nn.Parameter(weight.to(**tensor), requires_grad=False)
+        # Drawn on the generator's device (a 7B-width stack draws billions of values).
+        weight = torch.randn(out_features, in_features, generator=generator, device=generator.device)
+        self.weight = torch.nn.Parameter((weight / in_features**0.5).to(**tensor), requires_grad=False)
         self.bias = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -108,7 +109,7 @@ class BlockStack:
         self, shape: StackShape, config: ProbePruningConfig, *, capturable: bool | None = None,
         seed: int = 0, **tensor,
     ):
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device=tensor.get("device", "cpu")).manual_seed(seed)
         self.shape = shape
         worker = WorkerInfo(num_layers=shape.layers, tp_rank=0, tp_size=1, max_model_len=shape.max_model_len)
         self.pruning = ProbePruning(config, worker, labels={}, capturable=capturable)
