@@ -60,10 +60,12 @@ def reference(query, key_cache, value_cache, block_table, contexts, kept, scale)
     return torch.stack(out)
 
 
+# Every dtype on vLLM's packed layout with 16-token blocks; separate K/V caches with 32-token blocks.
+LAYOUTS = [(dtype, 16, True) for dtype in (torch.float32, torch.float16, torch.bfloat16)] + [(torch.float32, 32, False)]
+
+
 @pytest.mark.parametrize("num_heads, num_kv_heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
-@pytest.mark.parametrize("block_size", [16, 32])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("packed", [True, False], ids=["vllm-packed", "separate"])
+@pytest.mark.parametrize("dtype, block_size, packed", LAYOUTS, ids=["fp32", "fp16", "bf16", "separate-32"])
 def test_kept_heads_equal_plain_attention_over_the_gathered_context(num_heads, num_kv_heads, block_size, dtype, packed,
                                                                    device):
     generator = torch.Generator().manual_seed(0)

@@ -1,4 +1,4 @@
-"""Probe Pruning (PP) and its full-batch upper bound, in vLLM's per-step form.
+"""Probe Pruning (PP) in vLLM's per-step form.
 
 Per step and pruned block (docs/algorithm.md 1-3; the serving departures are
 measured in docs/design.md):
