@@ -90,20 +90,19 @@ def variants(hidden: int, width: int, tokens: int):
         torch.mm(act(F.linear(x, gate_up.index_select(0, rows))), down_rows.index_select(0, kept))
 
     def packed_gemms():
-        gate_up_rows, down_rows = packed.weight(0, rows_are_outputs=True), packed.weight(1, rows_are_outputs=False)
-        linear(act(linear(x, gate_up_rows)), down_rows)
+        packed.input_rows(1, act(packed.output_rows(0, x)))
 
     down_output_major = packed.packed[1][0].t().contiguous()  # [H, K]
 
     def packed_output_major():
-        linear(act(linear(x, packed.weight(0, rows_are_outputs=True))), down_output_major)
+        linear(act(packed.output_rows(0, x)), down_output_major)
 
     def probe_one_token():
         linear(x[:1], gate_up)
 
     def dense_gate_up_packed_down():
         intermediate = act(linear(x, gate_up)).index_select(1, packed.slot_rows)
-        linear(intermediate, packed.weight(1, rows_are_outputs=False))
+        packed.input_rows(1, intermediate)
 
     def packed_mkl():
         torch.mm(act(F.linear(x, packed.packed[0].view(-1, hidden))), packed.packed[1][0])

@@ -9,7 +9,9 @@ attention-output and MLP blocks of a layer stack (default: LLaMA-2-7B widths,
 * ``pp-every-step``: PP at the ratio, deciding at every step;
 * ``pp-reuse``: PP at its default decision reuse (decode-only steps keep a
   decision for up to ``reuse_decode_steps`` steps; prefill steps decide);
-* ``static``: a decision fixed at load time (FLAP's and Wanda-sp's cost).
+* ``static``: a decision fixed at load time (FLAP's and Wanda-sp's cost);
+* ``pp-reuse-gathered``: ``pp-reuse`` with GEMMs that read the kept rows in place
+  (vllm_pp/runtime/gather_gemm.py) instead of packed copies.
 
 Steps of at most 64 tokens are decode-only steps (one token per request, 1k
 of context); larger ones are 1024-token prefill chunks. Each engine is timed
@@ -29,6 +31,7 @@ Writes benchmarks/results/gpu_step_<device>_<shape>.json and a PNG next to it.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -44,9 +47,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {
     "7b": StackShape(),
     "small": StackShape(hidden=256, heads=4, head_dim=64, intermediate=512, layers=4, skip_layers=(0,)),
+    # The test suite's: Triton's interpreter runs the gathered engine's kernels on the CPU.
+    "tiny": StackShape(hidden=64, heads=2, head_dim=32, intermediate=128, layers=2, skip_layers=(0,)),
 }
 DECODE_CONTEXT, PREFILL_CHUNK = 1024, 1024
-ENGINES = ("dense", "pp-every-step", "pp-reuse", "static")
+ENGINES = ("dense", "pp-every-step", "pp-reuse", "static", "pp-reuse-gathered")
 
 
 def log(message: str) -> None:
@@ -101,7 +106,8 @@ def run_engine(engine: str, shape: StackShape, args, timer, **tensor) -> tuple[d
 
     def make(reuse: int | None = None) -> BlockStack:
         config = config_of(engine, args.ratio, shape, reuse)
-        return BlockStack(shape, config, capturable=args.capturable, seed=0, **tensor)
+        return BlockStack(shape, config, capturable=args.capturable, gathered=engine.endswith("-gathered"),
+                          seed=0, **tensor)
 
     def step_of(stack: BlockStack):
         return stack.dense_step if engine == "dense" else stack.step
@@ -115,9 +121,9 @@ def run_engine(engine: str, shape: StackShape, args, timer, **tensor) -> tuple[d
         inputs = inputs_of(shape, tokens, seed=tokens, **tensor)
         run = {"syncs_per_step": count_syncs(lambda: step(inputs))}
         # pp-reuse at decode steps: a decision, then ``reuse_decode_steps`` steps keeping it.
-        cycle = stack.pruning.config.reuse_decode_steps + 1 if engine == "pp-reuse" and tokens <= 64 else 1
+        cycle = stack.pruning.config.reuse_decode_steps + 1 if engine.startswith("pp-reuse") and tokens <= 64 else 1
         run["eager_ms"] = timer(lambda: [step(inputs) for _ in range(cycle)]) / cycle
-        run["extra_weight_bytes"] = stack.packed_bytes()
+        run["extra_weight_bytes"] = stack.extra_weight_bytes()
         run["stack_weight_bytes"] = stack.weight_bytes()
         if cuda:
             run["sync_debug_mode"] = sync_debug_check(lambda: step(inputs))
@@ -179,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device(args.device)
+    if device.type == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # the gathered engine's kernels, before they are made
     tensor = {"device": device, "dtype": getattr(torch, args.dtype)}
     shape = SHAPES[args.shape]
     def timer(call) -> float:

@@ -30,6 +30,24 @@ def device(request):
     return torch.device(request.config.getoption("--device"))
 
 
+@pytest.fixture(scope="module")
+def triton_kernels(device):
+    """The project's Triton kernels: compiled on CUDA, in Triton's interpreter on the CPU
+    (chosen when a kernel is first made, so the made ones are dropped around the module)."""
+    from vllm_pp.runtime import gather_gemm, paged_attention
+
+    def forget_kernels():
+        gather_gemm._kernels.cache_clear()
+        paged_attention._kernel.cache_clear()
+
+    with pytest.MonkeyPatch.context() as patch:
+        if device.type == "cpu":
+            patch.setenv("TRITON_INTERPRET", "1")
+        forget_kernels()
+        yield
+        forget_kernels()
+
+
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     from vllm_pp.tools.default_model import prepare_default_model

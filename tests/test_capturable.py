@@ -49,12 +49,13 @@ def _run(stack: BlockStack, steps=STEPS) -> tuple[list[torch.Tensor], list[dict]
     return outputs, decisions
 
 
-def _stack(capturable: bool, reuse: int = 2, device: torch.device = torch.device("cpu")) -> BlockStack:
+def _stack(capturable: bool, reuse: int = 2, device: torch.device = torch.device("cpu"),
+           gathered: bool = False) -> BlockStack:
     config = ProbePruningConfig.from_dict({
         "ratio": 0.4, "skip_layers": list(SHAPE.skip_layers), "channel_multiple": 8,
         "reuse_decode_steps": reuse, "history": {"position_bucket_size": 16},
     })
-    return BlockStack(SHAPE, config, capturable=capturable, device=device, dtype=torch.float32)
+    return BlockStack(SHAPE, config, capturable=capturable, gathered=gathered, device=device, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("reuse", [0, 2])
@@ -110,6 +111,25 @@ def test_a_captured_step_replays_what_eager_steps_compute(device):
         torch.testing.assert_close(output, eager.step(static), rtol=1e-4, atol=1e-4)
     for block, rows in eager.pruning.method.history.items():
         torch.testing.assert_close(captured.pruning.method.history[block], rows, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_gathered_weights_give_the_packed_path_s_steps(device):
+    """The GEMMs reading kept rows in place (Triton): the same decisions and outputs as packed
+    copies. On CUDA without any synchronisation (on the CPU the interpreter runs the kernels)."""
+    packed = _stack(capturable=True, device=device)
+    packed_outputs, packed_decisions = _run(packed)
+    gathered = _stack(capturable=True, device=device, gathered=True)
+    checks = (no_synchronisation(), cuda_sync_debug_error(device)) if device.type == "cuda" else ()
+    with contextlib.ExitStack() as stack:
+        for check in checks:
+            stack.enter_context(check)
+        outputs, decisions = _run(gathered)
+    for got, want in zip(outputs, packed_outputs):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for got, want in zip(decisions, packed_decisions):
+        assert {b: k.tolist() for b, k in got.items()} == {b: k.tolist() for b, k in want.items()}
+    assert 0 < gathered.extra_weight_bytes() < packed.extra_weight_bytes() / 10  # row indices, no copies
 
 
 def test_the_check_catches_the_synchronising_path():

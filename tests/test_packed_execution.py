@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from vllm_pp.algorithm.selection import kept_heads_to_channels
 from vllm_pp.runtime.attention import AllHeadsAttention
 from vllm_pp.runtime.blocks import OutputProjection, PrunedAttentionOutput, PrunedMLP
-from vllm_pp.runtime.execution import PackedUnits
+from vllm_pp.runtime.execution import GatheredUnits, PackedUnits
 
 
 class _Linear(types.SimpleNamespace):
@@ -129,3 +129,28 @@ def test_output_projection_sums_ranks_before_the_bias():
     torch.testing.assert_close(output, 2 * (partial + correction) + linear.bias)
     linear.skip_bias_add = True  # vLLM then returns the bias to its caller instead
     torch.testing.assert_close(OutputProjection(linear).finish(partial, None), partial)
+
+
+@pytest.mark.usefixtures("triton_kernels")
+def test_gathered_units_compute_what_packed_units_do(device):
+    """The GEMMs that read kept rows in place (Triton) against the packed copies, through a decision
+    sequence; a gate/up-like source of 2 sections and a transposed down-like source."""
+    hidden, width = 24, 40
+    generator = torch.Generator().manual_seed(4)
+    sources = [torch.randn(2, width, hidden, generator=generator).to(device),
+               torch.randn(1, width, hidden, generator=generator).to(device),
+               torch.randn(2, width, 1, generator=generator).to(device)]  # a bias
+    packed, gathered = PackedUnits(sources, 1), GatheredUnits(sources, 1)
+    x = torch.randn(5, hidden, generator=generator).to(device)
+    for kept in _decisions(width, 17, 4, seed=5):
+        kept = kept.to(device)
+        packed.load(kept)
+        gathered.load(kept)
+        assert gathered.slot_rows.tolist() == kept.tolist()  # ascending slots
+        order = packed.slot_rows.argsort()  # packed slots in kept order
+        hidden_packed = packed.output_rows(0, x).view(5, 2, -1)[:, :, order].reshape(5, -1)
+        torch.testing.assert_close(gathered.output_rows(0, x), hidden_packed, rtol=1e-4, atol=1e-4)
+        a = torch.randn(5, kept.numel(), generator=generator).to(device)
+        torch.testing.assert_close(gathered.input_rows(1, a), packed.input_rows(1, a[:, order.argsort()]),
+                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(gathered.rows_of(2), packed.rows_of(2)[:, order])

@@ -12,16 +12,7 @@ import torch
 
 from vllm_pp.runtime import paged_attention
 
-@pytest.fixture(autouse=True, scope="module")
-def interpreter_on_the_cpu(device):
-    if device.type == "cpu":
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("TRITON_INTERPRET", "1")
-            paged_attention._kernel.cache_clear()
-            yield
-            paged_attention._kernel.cache_clear()
-    else:
-        yield
+pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def paged_cache(contexts, num_kv_heads, head_dim, block_size, dtype, generator, packed, device):

@@ -26,9 +26,13 @@ from typing import Callable
 import torch
 
 from vllm_pp.runtime.attention import StepAttention
-from vllm_pp.runtime.execution import PackedUnits, linear, pruned_linear, transpose_storage_
+from vllm_pp.runtime.execution import GatheredUnits, PackedUnits, linear, transpose_storage_
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def kept_units(sources, unit_rows: int, capturable: bool, gathered: bool) -> PackedUnits | GatheredUnits:
+    return GatheredUnits(sources, unit_rows) if gathered else PackedUnits(sources, unit_rows, capturable=capturable)
 
 
 class OutputProjection:
@@ -67,12 +71,13 @@ class PrunedAttentionOutput:
     def __init__(self, output: OutputProjection, head_dim: int):
         self.output = output
         self.head_dim = head_dim
-        self.packed: PackedUnits | None = None  # after weights load
+        self.packed: PackedUnits | GatheredUnits | None = None  # after weights load
 
-    def prepare(self, capturable: bool = False) -> None:
-        """After weights load: pack o_proj's input rows (its transposed weight), head_dim per head."""
-        source = transpose_storage_(self.output.linear).unsqueeze(0)
-        self.packed = PackedUnits([source], self.head_dim, capturable=capturable)
+    def prepare(self, capturable: bool = False, gathered: bool = False) -> None:
+        """After weights load: o_proj's input rows (its transposed weight), head_dim per head,
+        packed or read in place (``gathered``)."""
+        self.packed = kept_units([transpose_storage_(self.output.linear).unsqueeze(0)], self.head_dim,
+                                 capturable, gathered)
 
     def probe(self, heads: StepAttention, rows: torch.Tensor) -> torch.Tensor:
         return heads.probe_rows(rows)
@@ -84,7 +89,7 @@ class PrunedAttentionOutput:
         packed = self.packed
         packed.load(kept)
         kept_out = heads.heads(packed.slot_units, packed.slot_rows)  # [T, K * hd], slot order
-        partial = pruned_linear(kept_out, packed.weight(0, rows_are_outputs=False))
+        partial = packed.input_rows(0, kept_out)
         return self.output.finish(partial, correction), kept_out, packed.slot_rows
 
 
@@ -103,11 +108,12 @@ class PrunedMLP:
         self.act_fn = act_fn
         self.output = output
         self.num_sections = 2 if gated else 1
-        self.packed: PackedUnits | None = None  # after weights load
+        self.packed: PackedUnits | GatheredUnits | None = None  # after weights load
 
-    def prepare(self, capturable: bool = False) -> None:
-        """After weights load: pack the input projection's rows ([S, K, H]), the output
-        projection's transposed rows ([1, K, H]) and the input bias ([S, K, 1])."""
+    def prepare(self, capturable: bool = False, gathered: bool = False) -> None:
+        """After weights load: the input projection's rows ([S, K, H]), the output
+        projection's transposed rows ([1, K, H]) and the input bias ([S, K, 1]),
+        packed or read in place (``gathered``)."""
         width = self.output.weight.shape[1]
         projection = self.input_projection
         sources = [
@@ -116,7 +122,7 @@ class PrunedMLP:
         ]
         if projection.bias is not None:
             sources.append(projection.bias.view(self.num_sections, width, 1))
-        self.packed = PackedUnits(sources, 1, capturable=capturable)
+        self.packed = kept_units(sources, 1, capturable, gathered)
 
     def probe(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, width]
         projection = self.input_projection
@@ -129,7 +135,9 @@ class PrunedMLP:
     def pruned(self, x: torch.Tensor, kept: torch.Tensor, correction: torch.Tensor | None):
         packed = self.packed
         packed.load(kept)
-        bias = packed.packed[2].reshape(-1) if len(packed.packed) == 3 else None
-        intermediate = self.act_fn(pruned_linear(x, packed.weight(0, rows_are_outputs=True), bias))
-        partial = pruned_linear(intermediate, packed.weight(1, rows_are_outputs=False))
+        hidden = packed.output_rows(0, x)
+        if len(packed.sources) == 3:  # the input projection's bias
+            hidden = hidden + packed.rows_of(2).reshape(-1)
+        intermediate = self.act_fn(hidden)
+        partial = packed.input_rows(1, intermediate)
         return self.output.finish(partial, correction), intermediate, packed.slot_rows

@@ -89,15 +89,25 @@ class PackedUnits:
             self._swap(kept)
         self.kept = kept
 
-    def weight(self, index: int, *, rows_are_outputs: bool) -> torch.Tensor:
-        """``packed[index]`` as a linear weight [N_out, K_in] (a view).
-
-        ``rows_are_outputs``: the packed rows are output features (gate/up,
-        fc1); otherwise they are input features (o_proj, down, fc2 rows).
-        """
+    def output_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[T, D]`` through source ``index``'s kept rows as output features
+        (gate/up, fc1): ``[T, S * K * w]``, sections one after the other, slot order."""
         packed = self.packed[index]
-        rows = packed.view(-1, packed.shape[-1])
-        return rows if rows_are_outputs else rows.t()
+        return pruned_linear(x, packed.view(-1, packed.shape[-1]))
+
+    def input_rows(self, index: int, a: torch.Tensor) -> torch.Tensor:
+        """``a`` ``[T, K * w]`` (columns in slot order) through source ``index``'s kept rows as
+        input features (the transposed o_proj, down, fc2): ``[T, D]``."""
+        packed = self.packed[index]
+        return pruned_linear(a, packed.view(-1, packed.shape[-1]).t())
+
+    def rows_of(self, index: int) -> torch.Tensor:
+        """Source ``index``'s kept rows, ``[S, K * w, D]`` in slot order."""
+        return self.packed[index]
+
+    def extra_bytes(self) -> int:
+        """Memory held beyond the block's own weights: the packed copies."""
+        return sum(t.nbytes for t in self.packed)
 
     def _rows(self, units: torch.Tensor) -> torch.Tensor:
         """Source rows of ``units``, ``unit_rows`` consecutive rows each."""
@@ -145,3 +155,67 @@ def transpose_storage_(linear) -> torch.Tensor:
     weight = linear.weight
     weight.data = weight.data.t().contiguous().t()
     return weight.t()
+
+
+class GatheredUnits:
+    """The kept units read in place from the block's weights, by index: no packed copy.
+
+    The same interface as :class:`PackedUnits` (``sources`` as there, each with
+    contiguous rows); a decision only records its rows (fixed-size copies into
+    the same small buffers, so a CUDA graph can hold it) and the GEMMs gather
+    the rows as they read them (vllm_pp/runtime/gather_gemm.py, Triton).
+    Slots are the kept units in ascending order.
+    """
+
+    def __init__(self, sources: list[torch.Tensor], unit_rows: int):
+        self.sources = sources
+        self.unit_rows = unit_rows
+        self.kept: torch.Tensor | None = None
+        self.slot_units: torch.Tensor | None = None  # [K] the kept units, ascending
+        self.slot_rows: torch.Tensor | None = None  # [K * w] their source rows
+        self.section_rows: list[torch.Tensor] = []  # per source: [S * K * w] rows of its flat [S * U * w, D] view
+
+    @timed("weight preparation")
+    def load(self, kept: torch.Tensor) -> None:
+        if kept is self.kept:
+            return
+        rows = kept if self.unit_rows == 1 else kept_heads_to_channels(kept, self.unit_rows)
+        if self.slot_units is None or kept.numel() != self.slot_units.numel():
+            self.slot_units, self.slot_rows = kept.clone(), rows.clone()
+            self.section_rows = [self._section_rows(source, rows) for source in self.sources]
+        else:
+            self.slot_units.copy_(kept)
+            self.slot_rows.copy_(rows)
+            for target, source in zip(self.section_rows, self.sources):
+                target.copy_(self._section_rows(source, rows))
+        self.kept = kept
+
+    @staticmethod
+    def _section_rows(source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Rows of every section of ``source`` ([S, R, D]) in its flat [S * R, D] view."""
+        sections, height = source.shape[0], source.shape[1]
+        offsets = torch.arange(sections, device=rows.device).unsqueeze(1) * height
+        return (offsets + rows.unsqueeze(0)).reshape(-1)
+
+    @timed("pruned GEMMs")
+    def output_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        from vllm_pp.runtime.gather_gemm import gather_rows_linear
+
+        source = self.sources[index]
+        return gather_rows_linear(x, source.reshape(-1, source.shape[-1]), self.section_rows[index])
+
+    @timed("pruned GEMMs")
+    def input_rows(self, index: int, a: torch.Tensor) -> torch.Tensor:
+        from vllm_pp.runtime.gather_gemm import gather_rows_matmul
+
+        source = self.sources[index]
+        return gather_rows_matmul(a.contiguous(), source.reshape(-1, source.shape[-1]), self.section_rows[index])
+
+    def extra_bytes(self) -> int:
+        """Memory held beyond the block's own weights: the row indices only."""
+        return sum(t.nbytes for t in self.section_rows)
+
+    def rows_of(self, index: int) -> torch.Tensor:
+        source = self.sources[index]
+        return source.reshape(-1, source.shape[-1]).index_select(0, self.section_rows[index]).view(
+            source.shape[0], -1, source.shape[-1])

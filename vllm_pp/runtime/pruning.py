@@ -78,13 +78,17 @@ class ProbePruning:
     """
 
     def __init__(
-        self, config: ProbePruningConfig, worker: WorkerInfo, labels: dict, capturable: bool | None = None
+        self, config: ProbePruningConfig, worker: WorkerInfo, labels: dict, capturable: bool | None = None,
+        gathered: bool = False,
     ) -> None:
         self.config = config
         # Whether the step path avoids every device synchronisation (fixed-size
         # operations only); None: on accelerators, not on the CPU (where waiting
         # costs nothing and the data-dependent forms are cheaper).
         self.capturable = capturable
+        # Gathered: the pruned GEMMs read the kept rows of the weights in place
+        # (Triton kernels) instead of packed copies; capturable either way.
+        self.gathered = gathered
         self.worker = worker
         self.steps = StepTracker()
         self.stats = PruningStats(labels=labels, method=config.method)
@@ -130,7 +134,7 @@ class ProbePruning:
         if self.capturable is None:
             self.capturable = any(not p.adapter.output.weight.is_cpu for p in self._pruners)
         for pruner in self._pruners:
-            pruner.adapter.prepare(capturable=self.capturable)
+            pruner.adapter.prepare(capturable=self.capturable, gathered=self.gathered)
         self.method.capturable = self.capturable
         self.method.prepare({p.block: p.adapter.output.weight for p in self._pruners})
         if self.method.keeps_history:

@@ -107,12 +107,12 @@ class BlockStack:
 
     def __init__(
         self, shape: StackShape, config: ProbePruningConfig, *, capturable: bool | None = None,
-        seed: int = 0, **tensor,
+        gathered: bool = False, seed: int = 0, **tensor,
     ):
         generator = torch.Generator(device=tensor.get("device", "cpu")).manual_seed(seed)
         self.shape = shape
         worker = WorkerInfo(num_layers=shape.layers, tp_rank=0, tp_size=1, max_model_len=shape.max_model_len)
-        self.pruning = ProbePruning(config, worker, labels={}, capturable=capturable)
+        self.pruning = ProbePruning(config, worker, labels={}, capturable=capturable, gathered=gathered)
         self.layers: list[Layer] = []
         attention_width = shape.heads * shape.head_dim
         for index in range(shape.layers):
@@ -170,11 +170,11 @@ class BlockStack:
         """Bytes of the stack's dense weights (o_proj, gate_up, down of every layer)."""
         return sum(p.nbytes for layer in self.layers for p in (layer.o_proj.weight, layer.gate_up.weight, layer.down.weight))
 
-    def packed_bytes(self) -> int:
+    def extra_weight_bytes(self) -> int:
         """Bytes the pruned path holds beyond the dense weights (packed copies of kept rows)."""
         return sum(
-            t.nbytes for layer in self.layers for pruner in (layer.attention, layer.mlp)
-            if pruner is not None and pruner.adapter.packed is not None for t in pruner.adapter.packed.packed
+            pruner.adapter.packed.extra_bytes() for layer in self.layers for pruner in (layer.attention, layer.mlp)
+            if pruner is not None and pruner.adapter.packed is not None
         )
 
 
