@@ -16,7 +16,7 @@ setup:
 # once on the first run (cached under ~/.cache/vllm-pp).
 serve: setup
 	@MODEL=$$($(CLI) model prepare --quiet) && \
-	  CALIBRATION=$$($(CLI) calibrate --model "$$MODEL" --num-samples $(PP_CALIBRATION_SAMPLES)) && \
+	  CALIBRATION=$$($(CLI) calibrate --model "$$MODEL" --num-samples $(PP_CALIBRATION_SAMPLES) --dtype float32) && \
 	  VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} \
 	  $(VENV)/bin/vllm serve "$$MODEL" --served-model-name SmolLM2-135M-Instruct \
 	    --pp-ratio $(PP_RATIO) --pp-calibration "$$CALIBRATION" --port $(PORT) \
