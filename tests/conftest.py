@@ -15,6 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    # The project's Triton kernels run in Triton's interpreter on the CPU. Triton reads this
+    # when it is first imported (vLLM imports it while the tests are collected), so it is set
+    # for the whole run; vLLM's CPU platform runs no Triton kernel either way.
+    if config.getoption("--device") == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_addoption(parser):
     parser.addoption(
         "--device", default="cpu",
@@ -28,24 +36,6 @@ def device(request):
     import torch
 
     return torch.device(request.config.getoption("--device"))
-
-
-@pytest.fixture(scope="module")
-def triton_kernels(device):
-    """The project's Triton kernels: compiled on CUDA, in Triton's interpreter on the CPU
-    (chosen when a kernel is first made, so the made ones are dropped around the module)."""
-    from vllm_pp.runtime import gather_gemm, paged_attention
-
-    def forget_kernels():
-        gather_gemm._kernels.cache_clear()
-        paged_attention._kernel.cache_clear()
-
-    with pytest.MonkeyPatch.context() as patch:
-        if device.type == "cpu":
-            patch.setenv("TRITON_INTERPRET", "1")
-        forget_kernels()
-        yield
-        forget_kernels()
 
 
 @pytest.fixture(scope="session")

@@ -113,7 +113,6 @@ def test_a_captured_step_replays_what_eager_steps_compute(device):
         torch.testing.assert_close(captured.pruning.method.history[block], rows, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.usefixtures("triton_kernels")
 def test_gathered_weights_give_the_packed_path_s_steps(device):
     """The GEMMs reading kept rows in place (Triton): the same decisions and outputs as packed
     copies. On CUDA without any synchronisation (on the CPU the interpreter runs the kernels)."""

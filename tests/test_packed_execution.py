@@ -131,7 +131,6 @@ def test_output_projection_sums_ranks_before_the_bias():
     torch.testing.assert_close(OutputProjection(linear).finish(partial, None), partial)
 
 
-@pytest.mark.usefixtures("triton_kernels")
 def test_gathered_units_compute_what_packed_units_do(device):
     """The GEMMs that read kept rows in place (Triton) against the packed copies, through a decision
     sequence; a gate/up-like source of 2 sections and a transposed down-like source."""

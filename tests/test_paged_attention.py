@@ -12,7 +12,6 @@ import torch
 
 from vllm_pp.runtime import paged_attention
 
-pytestmark = pytest.mark.usefixtures("triton_kernels")
 
 
 def paged_cache(contexts, num_kv_heads, head_dim, block_size, dtype, generator, packed, device):
