@@ -56,7 +56,8 @@ class AttendKeptHeadsOnCpu:
         self.schedules = Schedules()
 
     def attend(self, attention: torch.nn.Module, q, k, v, batch: StepBatch | None) -> StepAttention:
-        if batch is None or not (self.every_step or not batch.is_decode_only):
+        kept_heads_only = batch is not None and (self.every_step or not batch.is_decode_only)
+        if not kept_heads_only:
             return AllHeadsAttention(attention(q, k, v))
         write_kv_cache(attention, k, v)
         return KeptHeadsAttention(attention, q, k, v, batch, self.schedules)
@@ -66,7 +67,7 @@ class KeptHeadsAttention(StepAttention):
     """Attention on vLLM's CPU kernel, run for the probe rows and the kept heads only.
 
     q: [T, H * hd] after rotary; the KV cache already holds this step's K/V of
-    every head (:func:`attend_kept_heads` writes it).
+    every head (:meth:`AttendKeptHeadsOnCpu.attend` writes it).
     """
 
     def __init__(self, attention: torch.nn.Module, q, k, v, batch: StepBatch, schedules: "Schedules"):

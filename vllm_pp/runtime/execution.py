@@ -50,31 +50,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 pruned_linear = timed("pruned GEMMs")(linear)
 
 
-class PackedUnits:
-    """The rows of a block's kept units, in slots that persist across steps.
+class KeptUnits:
+    """What both forms of a block's kept weights share: the sources and the slots.
 
     ``sources`` are the block's matrices whose rows belong to units: each is
     ``[S, U * w, D]`` (S matrices sharing the unit axis, e.g. gate and up), with
     ``w`` = ``unit_rows`` consecutive rows per unit (head_dim for heads, 1 for
-    channels). :meth:`load` makes ``packed[i]`` (``[S, K * w, D]``) hold the
-    rows of the K kept units, one unit per slot; the order of the slots is
-    whatever the swaps left, and ``slot_rows`` names the source row of every
-    packed row (the block functions return it with their activations).
+    channels). :meth:`load` makes the slots hold the K kept units;
+    ``slot_units`` names the unit of each slot and ``slot_rows`` the source row
+    of each of their rows (the block adapters return it with their activations).
     """
 
-    def __init__(self, sources: list[torch.Tensor], unit_rows: int, *, capturable: bool = False):
+    def __init__(self, sources: list[torch.Tensor], unit_rows: int):
         self.sources = sources
-        # Capturable: a new decision gathers every kept row (fixed sizes, no
-        # device synchronisation); otherwise only the entering units are copied
-        # (their number is data-dependent).
-        self.capturable = capturable
         self.unit_rows = unit_rows
-        self.num_units = sources[0].shape[1] // unit_rows
-        self.packed: list[torch.Tensor] = []
         self.kept: torch.Tensor | None = None  # the decision the slots hold
         self.slot_units: torch.Tensor | None = None  # [K] unit of each slot
-        self.slot_rows: torch.Tensor | None = None  # [K * w] source row of each packed row
-        self.held = torch.zeros(self.num_units, dtype=torch.bool, device=sources[0].device)
+        self.slot_rows: torch.Tensor | None = None  # [K * w] source row of each slot row
 
     @timed("weight preparation")
     def load(self, kept: torch.Tensor) -> None:
@@ -83,11 +75,40 @@ class PackedUnits:
             return  # the same decision as the step before: nothing moves
         if self.slot_units is None or kept.numel() != self.slot_units.numel():
             self._load_all(kept)
-        elif self.capturable:
-            self._gather_in_place(kept)
         else:
-            self._swap(kept)
+            self._change(kept)
         self.kept = kept
+
+    def _rows(self, units: torch.Tensor) -> torch.Tensor:
+        """Source rows of ``units``, ``unit_rows`` consecutive rows each."""
+        return units if self.unit_rows == 1 else kept_heads_to_channels(units, self.unit_rows)
+
+    def _load_all(self, kept: torch.Tensor) -> None:
+        """A first decision, or one of another size: new slot buffers."""
+        raise NotImplementedError
+
+    def _change(self, kept: torch.Tensor) -> None:
+        """Another decision of the same size, into the same slot buffers."""
+        raise NotImplementedError
+
+
+class PackedUnits(KeptUnits):
+    """The rows of a block's kept units copied into slots that persist across steps.
+
+    :meth:`load` makes ``packed[i]`` (``[S, K * w, D]``) hold the rows of the K
+    kept units, one unit per slot; the order of the slots is whatever the
+    swaps left.
+    """
+
+    def __init__(self, sources: list[torch.Tensor], unit_rows: int, *, capturable: bool = False):
+        super().__init__(sources, unit_rows)
+        # Capturable: a new decision gathers every kept row (fixed sizes, no
+        # device synchronisation); otherwise only the entering units are copied
+        # (their number is data-dependent).
+        self.capturable = capturable
+        self.num_units = sources[0].shape[1] // unit_rows
+        self.packed: list[torch.Tensor] = []
+        self.held = torch.zeros(self.num_units, dtype=torch.bool, device=sources[0].device)
 
     def output_rows(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[T, D]`` through source ``index``'s kept rows as output features
@@ -109,15 +130,17 @@ class PackedUnits:
         """Memory held beyond the block's own weights: the packed copies."""
         return sum(t.nbytes for t in self.packed)
 
-    def _rows(self, units: torch.Tensor) -> torch.Tensor:
-        """Source rows of ``units``, ``unit_rows`` consecutive rows each."""
-        return units if self.unit_rows == 1 else kept_heads_to_channels(units, self.unit_rows)
-
     def _load_all(self, kept: torch.Tensor) -> None:
         self.slot_units = kept.clone()
         self.slot_rows = self._rows(kept).clone()
         self.packed = [source.index_select(1, self.slot_rows) for source in self.sources]
         self.held = torch.zeros_like(self.held).index_fill_(0, kept, True)
+
+    def _change(self, kept: torch.Tensor) -> None:
+        if self.capturable:
+            self._gather_in_place(kept)
+        else:
+            self._swap(kept)
 
     def _gather_in_place(self, kept: torch.Tensor) -> None:
         """Every kept row into the same buffers: fixed sizes, so every step (and
@@ -157,38 +180,29 @@ def transpose_storage_(linear) -> torch.Tensor:
     return weight.t()
 
 
-class GatheredUnits:
+class GatheredUnits(KeptUnits):
     """The kept units read in place from the block's weights, by index: no packed copy.
 
-    The same interface as :class:`PackedUnits` (``sources`` as there, each with
-    contiguous rows); a decision only records its rows (fixed-size copies into
-    the same small buffers, so a CUDA graph can hold it) and the GEMMs gather
-    the rows as they read them (vllm_pp/runtime/gather_gemm.py, Triton).
-    Slots are the kept units in ascending order.
+    The same interface as :class:`PackedUnits` (each source with contiguous
+    rows); a decision only records its rows (fixed-size copies into the same
+    small buffers, so a CUDA graph can hold it) and the GEMMs gather the rows as
+    they read them (vllm_pp/runtime/gather_gemm.py, Triton). Slots are the kept
+    units in ascending order.
     """
 
     def __init__(self, sources: list[torch.Tensor], unit_rows: int):
-        self.sources = sources
-        self.unit_rows = unit_rows
-        self.kept: torch.Tensor | None = None
-        self.slot_units: torch.Tensor | None = None  # [K] the kept units, ascending
-        self.slot_rows: torch.Tensor | None = None  # [K * w] their source rows
+        super().__init__(sources, unit_rows)
         self.section_rows: list[torch.Tensor] = []  # per source: [S * K * w] rows of its flat [S * U * w, D] view
 
-    @timed("weight preparation")
-    def load(self, kept: torch.Tensor) -> None:
-        if kept is self.kept:
-            return
-        rows = kept if self.unit_rows == 1 else kept_heads_to_channels(kept, self.unit_rows)
-        if self.slot_units is None or kept.numel() != self.slot_units.numel():
-            self.slot_units, self.slot_rows = kept.clone(), rows.clone()
-            self.section_rows = [self._section_rows(source, rows) for source in self.sources]
-        else:
-            self.slot_units.copy_(kept)
-            self.slot_rows.copy_(rows)
-            for target, source in zip(self.section_rows, self.sources):
-                target.copy_(self._section_rows(source, rows))
-        self.kept = kept
+    def _load_all(self, kept: torch.Tensor) -> None:
+        self.slot_units, self.slot_rows = kept.clone(), self._rows(kept).clone()
+        self.section_rows = [self._section_rows(source, self.slot_rows) for source in self.sources]
+
+    def _change(self, kept: torch.Tensor) -> None:
+        self.slot_units.copy_(kept)
+        self.slot_rows.copy_(self._rows(kept))
+        for target, source in zip(self.section_rows, self.sources):
+            target.copy_(self._section_rows(source, self.slot_rows))
 
     @staticmethod
     def _section_rows(source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
