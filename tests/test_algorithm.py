@@ -605,8 +605,9 @@ def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(
     # Each block's history is a view of one stacked tensor; a shard saves and reloads them all.
     from vllm_pp.storage.history_shards import load_history_shard, save_history_shard
 
-    save_history_shard(tmp_path, method.worker.shard_owner, method.history_tensors(), method.history_layout())
-    saved = load_history_shard(tmp_path, method.worker.shard_owner, method.history_layout())
+    save_history_shard(tmp_path, method.worker.shard_owner, method.history_tensors(), method.history_layout(),
+                       round_index=1, steps=0)
+    saved, _ = load_history_shard(tmp_path, method.worker.shard_owner, method.history_layout(), 1)
     for block in blocks:
         assert torch.equal(saved[f"layers.{block.layer_index}.{block.kind}.history"],
                            method.history[block])

@@ -21,6 +21,7 @@ import requests
 import torch
 from safetensors import safe_open
 from helpers.servers import exercise_endpoints, vllm_server
+from vllm_pp.storage.history_shards import saved_rounds, shard_path
 
 MAX_MODEL_LEN = 512
 CONCURRENCY = 32
@@ -280,7 +281,7 @@ def test_pruned_server_under_load(default_model, tmp_path):
 
     # Stopped by SIGTERM, the server saved the history it learned under load:
     # every value finite, and it moved away from where it started (zeros).
-    shard = history / "rank0.safetensors"
+    shard = shard_path(history, 0, saved_rounds(history, 0)[-1])  # the round written at shutdown
     with safe_open(str(shard), framework="pt") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
     assert tensors and all(torch.isfinite(t).all() for t in tensors.values())

@@ -24,6 +24,7 @@ from vllm_pp.observability import server, snapshots, worker
 from vllm_pp.observability.server import SnapshotCollector
 from vllm_pp.observability.snapshots import write_snapshot
 from vllm_pp.observability.worker import PruningStats, Reporter, build_snapshot, recent_means, summary_line
+from vllm_pp.runtime.history_checkpoints import CheckpointStatus
 from vllm_pp.runtime.pruning import BlockPruner
 
 ATTENTION = PrunableBlock(layer_index=0, kind="attention", width=32, head_dim=8)  # 4 heads
@@ -130,7 +131,10 @@ def _sample(text: str, name: str, **labels: str) -> float:
 def test_collector_serves_snapshots_of_live_workers(tmp_path):
     pruning, pruners = _pruning()
     _run_steps(pruning, pruners, num_steps=4)
-    snapshot = build_snapshot(pruning.stats, _probe_pruning_method().history_health())
+    checkpoints = CheckpointStatus(loaded_round=3, written=5, failed=2, skipped=1, last_round=8,
+                                   last_written_at=time.time() - 30)
+    snapshot = build_snapshot(pruning.stats, _probe_pruning_method().history_health(),
+                              checkpoints=checkpoints.as_dict())
     write_snapshot(str(tmp_path), {**snapshot, "recent": recent_means(snapshot, None, None)})
     # A dead worker's file and a partial temp file are ignored.
     dead = {**snapshot, "pid": 2**22 + 12345, "labels": {**snapshot["labels"], "rank": "9"}}
@@ -146,6 +150,10 @@ def test_collector_serves_snapshots_of_live_workers(tmp_path):
     assert _sample(text, "block_runs_total", mode="dense") == 2
     assert _sample(text, "history_skipped_rows_total") == 0
     assert _sample(text, "decide_seconds_total") > 0
+    assert _sample(text, "history_checkpoints_total", outcome="written") == 5
+    assert _sample(text, "history_checkpoints_total", outcome="failed") == 2
+    assert _sample(text, "history_checkpoints_total", outcome="skipped") == 1
+    assert 30 <= _sample(text, "history_checkpoint_age_seconds") < 90
     assert 'rank="9"' not in text
     # No snapshots (pruning off, or before the first step): nothing at all.
     empty = CollectorRegistry()

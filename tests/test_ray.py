@@ -115,19 +115,44 @@ def test_ray_and_mp_give_identical_greedy_outputs(family, random_models, calibra
     assert rank0 and not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
 
 
-def test_ray_server_answers_saves_history_and_leaves_no_actors(
+def test_ray_tp2_server_survives_kill_9_serves_saves_history_and_leaves_no_actors(
     random_models, calibrations, tmp_path
 ):
+    """Kill drill through the Ray executor at TP=2 (vllm_pp/tools/kill_drill.py): after
+    each kill -9 (engine core and Ray actors) both ranks load the same, newest common
+    round; a round that only rank 0 finished is not loaded by either. The last start
+    answers, saves both shards at clean shutdown and leaves no actor behind."""
     from openai import OpenAI
     from safetensors import safe_open
+    from vllm_pp.storage.history_shards import saved_rounds, shard_path
     from vllm_pp.storage.statistics import read_metadata
+    from vllm_pp.tools.engine import stop_server
+    from vllm_pp.tools.kill_drill import Drill
 
     history = tmp_path / "history"
-    args = [str(random_models["llama-gqa"]), "--tensor-parallel-size", "2",
-            "--distributed-executor-backend", "ray", "--pp-ratio", "0.4",
-            "--pp-calibration", str(calibrations["llama-gqa"]), "--pp-history", str(history),
-            "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8"]
-    with vllm_server(args, env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as url:
+    drill = Drill(
+        serve_args=[str(random_models["llama-gqa"]), "--tensor-parallel-size", "2",
+                    "--distributed-executor-backend", "ray", "--pp-ratio", "0.4",
+                    "--pp-calibration", str(calibrations["llama-gqa"]),
+                    "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8"],
+        history=history, work_dir=tmp_path / "drill", tp_size=2, kills=2, checkpoint_seconds=2.0,
+        serve_seconds=(5.0, 8.0), also_kill=("ray::CpuRayWorkerProc",), seed=2,
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}, cut_short_after_kill=2,
+    )
+    report = drill.run(keep_last_running=True)
+    process, url = report.pop("server")
+    try:
+        first, second = report["kills"]
+        # Both ranks loaded the same round (the drill checks it), the newest on disk.
+        assert first["loaded"][0] == first["loaded"][1]
+        assert first["loaded"][0][0] == first["held_after_kill"][0][-1] == first["held_after_kill"][1][-1]
+        assert first["lost_seconds"] <= 2.0 + 3.0
+        # Rank 1's newest round deleted (as if cut short): every rank loads the one before.
+        cut = second["cut_short"]["round"]
+        loaded = second["loaded"][0][0]
+        assert loaded == second["loaded"][1][0] and loaded is not None and loaded < cut
+        log = (tmp_path / "drill" / "start2.log").read_text()
+        assert f"every rank loads round {loaded}, the newest all of them hold" in log
         client = OpenAI(base_url=url + "/v1", api_key="unused")
         model = client.models.list().data[0].id
         completion = client.completions.create(model=model, prompt="Hello there", max_tokens=8)
@@ -135,13 +160,17 @@ def test_ray_server_answers_saves_history_and_leaves_no_actors(
         stream = client.completions.create(model=model, prompt="Once", max_tokens=4, stream=True)
         assert sum(1 for chunk in stream if chunk.choices and chunk.choices[0].text) >= 1
         assert _ray_processes("ray::CpuRayWorkerProc")
+    finally:
+        stop_server(process)
 
     deadline = time.monotonic() + 30
     while (actors := _ray_processes("ray::CpuRayWorkerProc")) and time.monotonic() < deadline:
         time.sleep(1)
     assert not actors, f"Ray actors left after the server exited: {actors}"
-    for rank in (0, 1):  # saved by each Ray worker at shutdown
-        shard = history / f"rank{rank}.safetensors"
+    last = saved_rounds(history, 0)[-1]
+    for rank in (0, 1):  # saved by each Ray worker at shutdown, as the same round
+        assert saved_rounds(history, rank)[-1] == last
+        shard = shard_path(history, rank, last)
         metadata = read_metadata(shard)
         assert metadata["kind"] == "history" and metadata["tensor_parallel_rank"] == rank
         assert metadata["tensor_parallel_size"] == 2
@@ -160,7 +189,7 @@ def test_ray_worker_refuses_history_of_another_tp_size(random_models, ray_head, 
     model = random_models["llama-gqa"]
     tp1 = ShardOwner(model_identity(AutoConfig.from_pretrained(model)), tp_size=1, rank=0)
     save_history_shard(tmp_path, tp1, {"layers.3.mlp.rank0.history": torch.ones(8, 512)},
-                       {"position_bucket_size": 64, "num_buckets": 8})
+                       {"position_bucket_size": 64, "num_buckets": 8}, round_index=1, steps=0)
     with pytest.raises(Exception) as failure:
         with vllm_engine(model, in_process=True, tensor_parallel_size=2,
                          distributed_executor_backend="ray",

@@ -125,45 +125,130 @@ def test_create_engine_config_hook_validates(random_models):
         bad.create_engine_config()
 
 
-def test_history_flag_is_folded(serve_parser, model_dir):
+def test_history_flags_are_folded(serve_parser, model_dir):
     engine_args = _engine_args(serve_parser, model_dir, ["--pp-ratio", "0.4", "--pp-history", "/h"])
     assert engine_args.additional_config["probe_pruning"]["history"] == {"path": "/h"}
+    engine_args = _engine_args(serve_parser, model_dir, [
+        "--pp-ratio", "0.4", "--pp-history", "/h", "--pp-history-checkpoint-seconds", "30",
+        "--no-pp-history-update"])
+    assert engine_args.additional_config["probe_pruning"]["history"] == {
+        "path": "/h", "checkpoint_seconds": 30.0, "update": False}
+    engine_args = _engine_args(serve_parser, model_dir, ["--pp-ratio", "0.4", "--pp-history-update"])
+    assert engine_args.additional_config["probe_pruning"]["history"] == {"update": True}
+    # A contradiction names the flag the user typed.
+    with pytest.raises(ProbePruningConfigError) as err:
+        _engine_args(serve_parser, model_dir, [
+            "--pp-ratio", "0.4", "--pp-history", "/h", "--additional-config.probe_pruning.history.path", "/g"])
+    assert str(err.value) == "--pp-history '/h' contradicts --additional-config probe_pruning.history.path='/g'"
+
+
+@pytest.mark.parametrize("value, message", [
+    ("-1", "probe_pruning.history.checkpoint_seconds=-1.0 is invalid: expected a number in [0, inf)"),
+    ("abc", "probe_pruning.history.checkpoint_seconds='abc' is invalid: expected a number"),
+    ("nan", "probe_pruning.history.checkpoint_seconds='nan' is invalid: expected a number, not NaN"),
+])
+def test_bad_checkpoint_seconds_is_an_argparse_error(serve_parser, value, message, capsys):
+    with pytest.raises(SystemExit):
+        serve_parser.parse_args(["serve", "/models/m", f"--pp-history-checkpoint-seconds={value}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.endswith(f" serve: error: argument --pp-history-checkpoint-seconds: {message}")
 
 
 class _RecordingExecutor:
-    def __init__(self):
-        self.calls = []
+    """Two ranks that hold the given checkpoint rounds."""
 
-    def collective_rpc(self, method, timeout=None):
-        self.calls.append(method)
-        return ["/h/rank0.safetensors"]
+    def __init__(self, held=([], [])):
+        self.calls = []
+        self.held = held
+
+    def collective_rpc(self, method, timeout=None, args=()):
+        from vllm_pp.integration.models.base import probe_pruning_history_rounds
+
+        self.calls.append((method.__name__, *args))
+        return [list(r) for r in self.held] if method is probe_pruning_history_rounds else [None, None]
 
 
 class _EngineCoreStandIn:
-    def __init__(self, probe_pruning: dict):
+    def __init__(self, probe_pruning: dict, held=([], [])):
         from types import SimpleNamespace
 
         self.vllm_config = SimpleNamespace(additional_config={"probe_pruning": probe_pruning})
-        self.model_executor = _RecordingExecutor()
+        self.model_executor = _RecordingExecutor(held)
+
+    def collective_rpc(self, method, timeout=None, args=()):
+        return self.model_executor.collective_rpc(method, timeout, args)
 
 
-def test_engine_core_shutdown_hook_saves_history_first_and_once():
+HISTORY = {"ratio": 0.4, "history": {"path": "/h", "checkpoint_seconds": 60}}
+
+
+def _started(probe_pruning: dict, held=([], [])) -> _EngineCoreStandIn:
+    from vllm_pp.integration.runtime_patches import _patch_engine_core_initialize_kv_caches
+
+    core = _EngineCoreStandIn(probe_pruning, held)
+    initialize = _patch_engine_core_initialize_kv_caches(lambda core, config: "kv-cache-config")
+    assert initialize(core, core.vllm_config) == "kv-cache-config"
+    return core
+
+
+def test_initialize_kv_caches_hook_loads_the_newest_round_every_rank_holds(caplog):
     vllm_pp.register()
     from vllm.v1.engine.core import EngineCore
-    from vllm_pp.integration.models.base import save_probe_pruning_history
+    from vllm_pp.integration.runtime_patches import _WRAPPED
+
+    assert getattr(EngineCore._initialize_kv_caches, _WRAPPED, False)
+    core = _started(HISTORY, held=([4, 5], [4]))  # rank 1 died writing round 5
+    assert core.model_executor.calls == [
+        ("probe_pruning_history_rounds",), ("load_probe_pruning_history", 4)]
+    assert ("ranks hold rounds {0: [4, 5], 1: [4]} (a round was cut short); every rank loads "
+            "round 4, the newest all of them hold") in caplog.text
+    assert core._probe_pruning_checkpoints.next_round == 6  # never reuses a round's name
+    core = _started(HISTORY, held=([5, 6], [2, 3]))
+    assert core.model_executor.calls[-1] == ("load_probe_pruning_history", None)
+    assert "none is held by every rank, so every rank starts from calibration" in caplog.text
+    for quiet in ({"ratio": 0.4}, {"ratio": 0.0, "history": {"path": "/h"}}):
+        core = _started(quiet)
+        assert core.model_executor.calls == [] and not hasattr(core, "_probe_pruning_checkpoints")
+
+
+def test_post_step_hook_starts_a_round_on_every_rank_when_due():
+    vllm_pp.register()
+    from vllm.v1.engine.core import EngineCore
+    from vllm_pp.integration.runtime_patches import _WRAPPED, _patch_engine_core_post_step
+
+    assert getattr(EngineCore.post_step, _WRAPPED, False)
+    post_step = _patch_engine_core_post_step(lambda core, model_executed: None)
+    core = _started(HISTORY, held=([2], [2]))
+    core._probe_pruning_checkpoints._last -= 61  # the interval has passed
+    post_step(core, model_executed=False)  # nothing served since start-up: nothing new to save
+    post_step(core, model_executed=True)
+    post_step(core, model_executed=True)  # the next interval starts
+    assert core.model_executor.calls[2:] == [("checkpoint_probe_pruning_history", 3)]
+    frozen = _started({"ratio": 0.4, "history": {**HISTORY["history"], "update": False}})
+    frozen._probe_pruning_checkpoints._last -= 1e6
+    post_step(frozen, model_executed=True)
+    assert [c[0] for c in frozen.model_executor.calls] == [
+        "probe_pruning_history_rounds", "load_probe_pruning_history"]
+
+
+def test_engine_core_shutdown_hook_writes_a_last_round_first_and_once():
+    vllm_pp.register()
+    from vllm.v1.engine.core import EngineCore
     from vllm_pp.integration.runtime_patches import _WRAPPED, _patch_engine_core_shutdown
 
     assert getattr(EngineCore.shutdown, _WRAPPED, False)
     order = []
-    shutdown = _patch_engine_core_shutdown(lambda core: order.append(list(core.model_executor.calls)))
-    saving = _EngineCoreStandIn({"ratio": 0.4, "history": {"path": "/h"}})
+    shutdown = _patch_engine_core_shutdown(lambda core: order.append(list(core.model_executor.calls[2:])))
+    saving = _started(HISTORY, held=([7], [7]))
     shutdown(saving)
     shutdown(saving)  # vLLM may call shutdown twice
-    assert order == [[save_probe_pruning_history], [save_probe_pruning_history]]
-    for quiet in ({"ratio": 0.4}, {"ratio": 0.0, "history": {"path": "/h"}}):
-        core = _EngineCoreStandIn(quiet)
+    last = ("checkpoint_probe_pruning_history", 8, True)  # written before returning
+    assert order == [[last], [last]]
+    for quiet in ({"ratio": 0.4}, {"ratio": 0.4, "history": {"path": "/h", "update": False}}):
+        core = _started(quiet)
+        calls = list(core.model_executor.calls)
         shutdown(core)
-        assert core.model_executor.calls == []
+        assert core.model_executor.calls == calls
 
 
 def test_executor_get_class_hook_runs_ray_on_cpu():

@@ -120,9 +120,18 @@ class HistoryConfig:
     # How a decision combines probe and history: the paper's importance-scaled
     # fusion, or one source alone (the no-history and no-probe ablations).
     fusion: str = "importance-scaled"
-    # Directory of saved history shards (one file per TP rank): loaded at
-    # start-up when present, written at clean shutdown (vllm_pp/storage/history_shards.py).
+    # Directory of saved history shards (files per TP rank): the newest round every
+    # rank holds is loaded at start-up, and rounds are written while serving and at
+    # clean shutdown (vllm_pp/storage/history_shards.py).
     path: str | None = None
+    # Seconds between checkpoints of the history to ``path`` while serving: the
+    # first step boundary after the interval starts a round, which each rank
+    # writes in the background. 0: only at clean shutdown.
+    checkpoint_seconds: float = 300.0
+    # False freezes the history: loaded (from calibration or ``path``) and used,
+    # never updated or saved while serving, so the same batch gets the same
+    # decisions, hence the same greedy outputs, at any time.
+    update: bool = True
 
     def __post_init__(self) -> None:
         _number("history.ema_momentum", self.ema_momentum, 0.0, 1.0, high_open=True)
@@ -130,6 +139,11 @@ class HistoryConfig:
         if self.path is not None and (not isinstance(self.path, str) or not self.path):
             raise ProbePruningConfigError(
                 f"probe_pruning.history.path={self.path!r} is invalid: expected a directory path"
+            )
+        _number("history.checkpoint_seconds", self.checkpoint_seconds, 0.0, math.inf, high_open=True)
+        if not isinstance(self.update, bool):
+            raise ProbePruningConfigError(
+                f"probe_pruning.history.update={self.update!r} is invalid: expected true or false"
             )
         size = self.position_bucket_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:

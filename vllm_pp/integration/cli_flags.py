@@ -72,6 +72,12 @@ def _reuse_decode_steps(text: str) -> int:
     return value
 
 
+def _checkpoint_seconds(text: str) -> float:
+    value = _float("history.checkpoint_seconds", text)
+    ProbePruningConfig.from_dict({"history": {"checkpoint_seconds": value}})
+    return value
+
+
 def _skip_layers(text: str) -> list[int]:
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not all(p.isdigit() for p in parts):
@@ -99,8 +105,15 @@ CLI_FLAGS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--pp-skip-layers", "skip_layers", _checked(_skip_layers),
      "Probe pruning: comma-separated decoder layers never pruned (default 0,1,2)."),
     ("--pp-history", "history.path", str,
-     "Probe pruning: directory of the live history, one file per TP rank; loaded at "
-     "start-up when present, saved at clean shutdown."),
+     "Probe pruning: directory of the live history, files per TP rank; the newest "
+     "round every rank holds is loaded at start-up, rounds are written while serving "
+     "(--pp-history-checkpoint-seconds) and at clean shutdown."),
+    ("--pp-history-checkpoint-seconds", "history.checkpoint_seconds", _checked(_checkpoint_seconds),
+     "Probe pruning: seconds between history checkpoints to --pp-history while serving "
+     "(default 300; 0: only at clean shutdown)."),
+    ("--pp-history-update", "history.update", bool,
+     "Probe pruning: learn the history while serving (default). --no-pp-history-update "
+     "freezes it: the same batch then gets the same outputs at any time."),
 )
 
 
@@ -113,7 +126,11 @@ def add_probe_pruning_arguments(parser: argparse.ArgumentParser) -> None:
         "ProbePruning", "Dynamic structured pruning by vllm-pp (Probe Pruning, ICLR 2025)."
     )
     for flag, _, parse, help_text in CLI_FLAGS:
-        group.add_argument(flag, dest=_dest(flag), type=parse, default=None, help=help_text)
+        if parse is bool:  # --flag / --no-flag, as vLLM's own switches
+            group.add_argument(flag, dest=_dest(flag), action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        else:
+            group.add_argument(flag, dest=_dest(flag), type=parse, default=None, help=help_text)
 
 
 def fold_cli_flags(args: argparse.Namespace, additional_config: dict | None) -> dict | None:
@@ -123,7 +140,7 @@ def fold_cli_flags(args: argparse.Namespace, additional_config: dict | None) -> 
     is an error rather than a silent override.
     """
     given = {
-        key: getattr(args, _dest(flag))
+        key: (flag, getattr(args, _dest(flag)))
         for flag, key, _, _ in CLI_FLAGS
         if getattr(args, _dest(flag), None) is not None
     }
@@ -131,7 +148,7 @@ def fold_cli_flags(args: argparse.Namespace, additional_config: dict | None) -> 
         return additional_config
     merged = dict(additional_config or {})
     section = dict(merged.get(ADDITIONAL_CONFIG_KEY) or {})
-    for dotted, value in given.items():
+    for dotted, (flag, value) in given.items():
         node = section
         *parents, leaf = dotted.split(".")
         for name in parents:
@@ -139,7 +156,7 @@ def fold_cli_flags(args: argparse.Namespace, additional_config: dict | None) -> 
             node = node[name]
         if leaf in node and node[leaf] != value:
             raise ProbePruningConfigError(
-                f"--pp-{dotted.split('.')[-1].replace('_', '-')} {value!r} contradicts "
+                f"{flag} {value!r} contradicts "
                 f"--additional-config {ADDITIONAL_CONFIG_KEY}.{dotted}={node[leaf]!r}"
             )
         node[leaf] = value

@@ -17,7 +17,11 @@ methods (each wrap is checked by a test in ``tests/test_runtime_patches.py``;
   the process that builds the config (the API server), prepares the workers'
   metrics snapshot directory and the collector that puts
   ``vllm:probe_pruning_*`` on ``/metrics`` (vllm_pp/observability/server.py).
-* ``EngineCore.shutdown`` (0004): saves ``--pp-history`` on every worker before
+* ``EngineCore._initialize_kv_caches`` (0005): at the end of start-up, has
+  every worker load the newest ``--pp-history`` round that all of them hold.
+* ``EngineCore.post_step`` (0005): starts a history checkpoint round on every
+  worker when ``history.checkpoint_seconds`` have passed.
+* ``EngineCore.shutdown`` (0004): writes a last round on every worker before
   the executor stops them.
 * ``Executor.get_class`` (0003): on vLLM's CPU platform, runs the Ray backend
   with ray_on_cpu.py's executor, since vLLM refuses Ray there.
@@ -130,37 +134,110 @@ def _patch_create_engine_config(create_engine_config: Callable) -> Callable:
     return create_engine_config_with_probe_pruning
 
 
+# The engine core's CheckpointSchedule, when --pp-history is on.
+_CHECKPOINTS = "_probe_pruning_checkpoints"
+
+
+def _history_config(engine_core) -> ProbePruningConfig | None:
+    """The config when this engine core keeps a --pp-history, else None."""
+    from vllm_pp.methods import pruning_enabled
+
+    config = ProbePruningConfig.from_additional_config(engine_core.vllm_config.additional_config)
+    return config if config.history.path and pruning_enabled(config) else None
+
+
+def _patch_engine_core_initialize_kv_caches(initialize_kv_caches: Callable) -> Callable:
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.probe_pruning")
+
+    # The last step of the engine core's start-up that reaches the workers (after
+    # weights, warm-up and KV cache): the loaded history is what the first request
+    # sees. Not __init__ itself: a spawned engine core loads this plugin inside it.
+    def initialize_kv_caches_loading_probe_pruning_history(self, *args, **kwargs):
+        kv_cache_config = initialize_kv_caches(self, *args, **kwargs)
+        config = _history_config(self)
+        if config is None:
+            return kv_cache_config
+        from vllm_pp.integration.models.base import (
+            load_probe_pruning_history,
+            probe_pruning_history_rounds,
+        )
+        from vllm_pp.runtime.history_checkpoints import CheckpointSchedule
+        from vllm_pp.storage.history_shards import common_round
+
+        held = self.collective_rpc(probe_pruning_history_rounds)  # one list per rank
+        round_index = common_round(held)
+        if any(rounds and rounds[-1] != round_index for rounds in held):
+            by_rank = dict(enumerate(held))
+            logger.warning(
+                "Probe pruning history: ranks hold rounds %s (a round was cut short); %s",
+                by_rank,
+                f"every rank loads round {round_index}, the newest all of them hold"
+                if round_index is not None
+                else "none is held by every rank, so every rank starts from calibration",
+            )
+        self.collective_rpc(load_probe_pruning_history, args=(round_index,))
+        newest = max((r for rounds in held for r in rounds), default=0)
+        interval = config.history.checkpoint_seconds if config.history.update else 0
+        setattr(self, _CHECKPOINTS, CheckpointSchedule(interval, next_round=newest + 1))
+        return kv_cache_config
+
+    return initialize_kv_caches_loading_probe_pruning_history
+
+
+def _patch_engine_core_post_step(post_step: Callable) -> Callable:
+    from vllm.logger import init_logger
+
+    logger = init_logger("vllm.probe_pruning")
+
+    def post_step_with_history_checkpoints(self, model_executed: bool) -> None:
+        post_step(self, model_executed)
+        schedule = getattr(self, _CHECKPOINTS, None)
+        round_index = None if schedule is None else schedule.after_step(model_executed)
+        if round_index is None:
+            return
+        from vllm_pp.integration.models.base import checkpoint_probe_pruning_history
+
+        try:  # each rank copies its history to host memory and writes it in the background
+            self.collective_rpc(checkpoint_probe_pruning_history, args=(round_index,))
+        except Exception:  # a checkpoint must never stop serving
+            logger.exception("Probe pruning history round %d could not be started", round_index)
+
+    return post_step_with_history_checkpoints
+
+
 def _patch_engine_core_shutdown(shutdown: Callable) -> Callable:
     from vllm.logger import init_logger
 
     logger = init_logger("vllm.probe_pruning")
 
     def shutdown_saving_probe_pruning_history(self):
-        from vllm_pp.integration.models.base import save_probe_pruning_history
-        from vllm_pp.methods import pruning_enabled
+        from vllm_pp.integration.models.base import checkpoint_probe_pruning_history
 
-        config = ProbePruningConfig.from_additional_config(self.vllm_config.additional_config)
+        schedule = getattr(self, _CHECKPOINTS, None)
         executor = getattr(self, "model_executor", None)
+        config = _history_config(self) if schedule is not None else None
         if (
-            config.history.path
-            and pruning_enabled(config)
+            config is not None
+            and config.history.update
             and executor is not None
             and not getattr(executor, "is_failed", False)
-            and not getattr(self, _HISTORY_SAVED, False)
         ):
-            setattr(self, _HISTORY_SAVED, True)
+            setattr(self, _CHECKPOINTS, None)  # once, though vLLM may call shutdown twice
+            round_index = schedule.start_round()
             try:
                 # Before the executor goes: Ray actors are killed, not asked to exit.
-                paths = executor.collective_rpc(save_probe_pruning_history, timeout=120)
-                logger.info("Probe pruning history saved: %s", ", ".join(map(str, paths)))
+                executor.collective_rpc(
+                    checkpoint_probe_pruning_history, timeout=120, args=(round_index, True)
+                )
+                logger.info("Probe pruning history saved: round %d in %s", round_index, config.history.path)
             except Exception:  # a failed save must not keep the engine from stopping
                 logger.exception("Probe pruning history could not be saved")
         return shutdown(self)
 
     return shutdown_saving_probe_pruning_history
 
-
-_HISTORY_SAVED = "_probe_pruning_history_saved"
 
 def _patch_executor_get_class(get_class: Callable) -> Callable:
     def get_class_with_ray_on_cpu(vllm_config):
@@ -199,7 +276,15 @@ def install_runtime_patches() -> None:
                 "unavailable, use --additional-config '{\"probe_pruning\": {...}}'.",
                 name,
             )
-    if not _wrap_once(EngineCore, "shutdown", _patch_engine_core_shutdown):
-        logger.warning("vllm-pp: EngineCore.shutdown not found; --pp-history will not be saved.")
+    for name, make in (
+        ("_initialize_kv_caches", _patch_engine_core_initialize_kv_caches),
+        ("post_step", _patch_engine_core_post_step),
+        ("shutdown", _patch_engine_core_shutdown),
+    ):
+        if not _wrap_once(EngineCore, name, make):
+            logger.warning(
+                "vllm-pp: EngineCore.%s not found in this vLLM; --pp-history is neither "
+                "loaded nor saved.", name,
+            )
     if not _wrap_once(Executor, "get_class", _patch_executor_get_class):
         logger.warning("vllm-pp: Executor.get_class not found; Ray on CPU is unavailable.")

@@ -132,6 +132,8 @@ class ProbePruningMethod(PruningMethod):
         return kept
 
     def update(self, block, batch: StepBatch, channels, activations) -> None:
+        if not self.config.history.update:
+            return  # a frozen history (history.update false)
         # Deferred to end_step: a block's history is read only by its own next
         # decision, so updating all blocks at once changes no result.
         self._pending.add(self._history_slot[block], channels, activations[: batch.num_tokens])

@@ -88,6 +88,14 @@ class SnapshotCollector:
             ["layer", "block"],
         )
         probe_size = gauge("probe_size", "Tokens per probe, mean over the last reporting interval.")
+        checkpoints = counter(
+            "history_checkpoints",
+            "History checkpoint rounds of --pp-history, by outcome (written, failed, skipped).",
+            ["outcome"],
+        )
+        checkpoint_age = gauge(
+            "history_checkpoint_age_seconds", "Age of the newest history round this worker wrote."
+        )
         age = gauge("snapshot_age_seconds", "Age of the worker snapshot these values come from.")
         now = time.time()
         for snapshot in snapshots:
@@ -113,9 +121,15 @@ class SnapshotCollector:
                 kept_ratio.add_metric(labels + [str(layer), kind], ratio)
             if recent.get("probe_size") is not None:
                 probe_size.add_metric(labels, recent["probe_size"])
+            written = snapshot.get("checkpoints")
+            if written is not None:
+                for outcome in ("written", "failed", "skipped"):
+                    checkpoints.add_metric(labels + [outcome], written[outcome])
+                if written["last_written_at"] is not None:
+                    checkpoint_age.add_metric(labels, max(0.0, now - written["last_written_at"]))
             age.add_metric(labels, max(0.0, now - snapshot["time"]))
         for family in (steps, tokens, probes, probe_tokens, runs, decide, sections, skipped,
-                       nonfinite, kept_ratio, probe_size, age):
+                       nonfinite, checkpoints, checkpoint_age, kept_ratio, probe_size, age):
             if family.samples:
                 yield family
 

@@ -96,10 +96,12 @@ class PruningStats:
 
 
 def build_snapshot(
-    stats: PruningStats, history: dict | None = None, sections: dict | None = None
+    stats: PruningStats, history: dict | None = None, sections: dict | None = None,
+    checkpoints: dict | None = None,
 ) -> dict:
     """One worker's snapshot: ``history`` from the method's ``history_health()``,
-    ``sections`` from :func:`vllm_pp.observability.profiling.snapshot`."""
+    ``sections`` from :func:`vllm_pp.observability.profiling.snapshot`,
+    ``checkpoints`` the history writer's counters (``--pp-history``)."""
     return {
         "version": SNAPSHOT_VERSION,
         "time": time.time(),
@@ -111,6 +113,7 @@ def build_snapshot(
         "blocks": [b.as_dict() for b in stats.blocks],
         "history": history or {},
         "sections": sections,
+        "checkpoints": checkpoints,
     }
 
 

@@ -1,4 +1,4 @@
-"""Per-worker probe-pruning state: the method, the step, the blocks, the history file.
+"""Per-worker probe-pruning state: the method, the step, the blocks, the history files.
 
 One :class:`ProbePruning` per model instance (so per worker). The model code
 registers each prunable block with its adapter (vllm_pp/runtime/blocks.py) and
@@ -23,8 +23,9 @@ from vllm_pp.methods.base import PrunableBlock, PruningMethod, StepBatch, Worker
 from vllm_pp.observability import profiling
 from vllm_pp.observability.worker import PruningStats, Reporter, build_snapshot
 from vllm_pp.runtime.attention import AttendEveryHead, ProbeOnlyAttention, StepAttention
+from vllm_pp.runtime.history_checkpoints import HistoryWriter
 from vllm_pp.runtime.step import StepTracker
-from vllm_pp.storage.history_shards import load_history_shard, save_history_shard, shard_path
+from vllm_pp.storage.history_shards import load_history_shard, saved_rounds, shard_path
 
 # vLLM attaches its log handler to the "vllm" logger tree only.
 logger = logging.getLogger("vllm.probe_pruning")
@@ -97,6 +98,8 @@ class ProbePruning:
         self.method: PruningMethod | None = None  # built by build()
         self.attention = AttendEveryHead()  # how pruned layers attend; build() may replace it
         self._pruners: list[BlockPruner] = []
+        self._writer: HistoryWriter | None = None  # with --pp-history, made by prepare()
+        self._loaded_steps = 0  # served steps behind the loaded history round
 
     def is_pruned(self, layer_index: int) -> bool:
         return layer_index not in self.config.skip_layers
@@ -130,7 +133,11 @@ class ProbePruning:
         return step
 
     def prepare(self) -> None:
-        """After weights load: pack the blocks' weights, prepare the method, load the saved history."""
+        """After weights load: pack the blocks' weights, prepare the method.
+
+        A saved history (``--pp-history``) is loaded afterwards, once the engine
+        core has chosen the round every rank loads (:meth:`load_history`).
+        """
         if self.capturable is None:
             self.capturable = any(not p.adapter.output.weight.is_cpu for p in self._pruners)
         for pruner in self._pruners:
@@ -140,32 +147,46 @@ class ProbePruning:
         if self.method.keeps_history:
             history = self.method.history_tensors().values()
             logger.info(
-                "Probe pruning history (rank %d): %d blocks, %.1f MiB, layout %s",
+                "Probe pruning history (rank %d): %d blocks, %.1f MiB, layout %s%s",
                 self.worker.tp_rank, len(history), sum(t.nbytes for t in history) / 2**20,
-                self.method.history_layout(),
+                self.method.history_layout(), "" if self.config.history.update else ", frozen",
             )
         if self.config.history.path:
-            saved = load_history_shard(self.config.history.path, self.worker.shard_owner, self._history_layout())
-            if saved is not None:
-                self.method.load_history(saved)
-            logger.info(
-                "Probe pruning history (rank %d): %s %s",
-                self.worker.tp_rank,
-                "loaded from" if saved is not None else "first start, will be saved to",
-                shard_path(self.config.history.path, self.worker.tp_rank),
-            )
+            self._writer = HistoryWriter(self.config.history.path, self.worker.shard_owner, self._history_layout())
 
-    def save_history(self) -> str | None:
-        """Write this rank's history shard (``--pp-history``); its path, or None."""
-        if not self.config.history.path:
-            return None
-        path = save_history_shard(
-            self.config.history.path,
-            self.worker.shard_owner,
-            self.method.history_tensors(),
-            self._history_layout(),
+    # --- --pp-history: called on every rank by the engine core (collective_rpc) ---
+
+    def history_rounds(self) -> list[int]:
+        """The checkpoint rounds this rank holds in ``--pp-history``."""
+        return saved_rounds(self.config.history.path, self.worker.tp_rank) if self._writer else []
+
+    def load_history(self, round_index: int | None) -> None:
+        """Load round ``round_index`` of this rank's history (None: a first start)."""
+        path = self.config.history.path
+        if round_index is None:
+            logger.info("Probe pruning history (rank %d): no saved round in %s, starting "
+                        "from calibration", self.worker.tp_rank, path)
+            return
+        tensors, metadata = load_history_shard(path, self.worker.shard_owner, self._history_layout(), round_index)
+        self.method.load_history(tensors)
+        self._loaded_steps = metadata["steps"]
+        self._writer.status.loaded_round = round_index
+        logger.info(
+            "Probe pruning history (rank %d): loaded round %d from %s, written %s (%.0f s ago) "
+            "after %d served steps",
+            self.worker.tp_rank, round_index, shard_path(path, self.worker.tp_rank, round_index),
+            time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(metadata["saved_at"])),
+            time.time() - metadata["saved_at"], metadata["steps"],
         )
-        return str(path)
+
+    def checkpoint_history(self, round_index: int, wait: bool = False) -> None:
+        """Write round ``round_index`` of this rank's history; in the background
+        unless ``wait`` (the last round, at clean shutdown)."""
+        if self._writer is None or not self.config.history.update:
+            return  # a frozen history never changes: its saved round stays as it was
+        self._writer.write(
+            self.method.history_tensors(), round_index, self._loaded_steps + self.stats.steps, wait=wait
+        )
 
     def _history_layout(self) -> dict:
         self.method.check_config(self.config)  # --pp-history needs a method that keeps a history
@@ -190,4 +211,5 @@ class ProbePruning:
         # The history only changes in steps: scan it again only after new ones.
         if self._history_health is None or self._history_health[0] != self.stats.steps:
             self._history_health = (self.stats.steps, self.method.history_health())
-        return build_snapshot(self.stats, self._history_health[1], sections)
+        checkpoints = self._writer.status.as_dict() if self._writer else None
+        return build_snapshot(self.stats, self._history_health[1], sections, checkpoints)

@@ -149,14 +149,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def vllm_server(
+def launch_server(
     args: list[str], *, env: dict | None = None, log_path: str | Path = os.devnull, timeout: float = 300
-) -> Iterator[str]:
-    """``vllm serve ARGS`` on a free loopback port, until healthy; yields its base URL.
+) -> tuple[subprocess.Popen, str]:
+    """Start ``vllm serve ARGS`` on a free loopback port, in a process group of its
+    own (API server, engine core, workers), and wait until it is healthy.
 
-    Its output goes to ``log_path``; on exit it gets SIGTERM (a clean shutdown)
-    and, after 60 s, SIGKILL for its whole process group.
+    Returns the process and the base URL; its output goes to ``log_path``.
     """
     port = free_port()
     vllm = str(Path(sys.executable).parent / "vllm")
@@ -166,25 +165,40 @@ def vllm_server(
             env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {process.returncode} during start-up; see {log_path}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                if response.status == 200:
+                    return process, url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            stop_server(process)
+            raise TimeoutError(f"vllm serve not healthy after {timeout} s; see {log_path}")
+        time.sleep(1)
+
+
+def stop_server(process: subprocess.Popen, grace: float = 60) -> None:
+    """SIGTERM (a clean shutdown) and, after ``grace`` seconds, SIGKILL for the whole group."""
+    process.send_signal(signal.SIGTERM)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {process.returncode} during start-up; see {log_path}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"vllm serve not healthy after {timeout} s; see {log_path}")
-            time.sleep(1)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@contextlib.contextmanager
+def vllm_server(
+    args: list[str], *, env: dict | None = None, log_path: str | Path = os.devnull, timeout: float = 300
+) -> Iterator[str]:
+    """``vllm serve ARGS`` until healthy (:func:`launch_server`); yields its base URL
+    and stops it cleanly on exit (:func:`stop_server`)."""
+    process, url = launch_server(args, env=env, log_path=log_path, timeout=timeout)
+    try:
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        stop_server(process)

@@ -135,7 +135,26 @@ class ProbePruningModelMixin:
             self.probe_pruning.prepare()
 
 
-def save_probe_pruning_history(worker) -> str | None:
-    """Run on every worker by ``collective_rpc`` when the engine shuts down."""
-    pruning = getattr(worker.get_model(), "probe_pruning", None)
-    return None if pruning is None else pruning.save_history()
+# --pp-history, run on every worker by the engine core's collective_rpc
+# (vllm_pp/integration/runtime_patches.py); a model without pruning answers None.
+
+def _pruning(worker) -> ProbePruning | None:
+    return getattr(worker.get_model(), "probe_pruning", None)
+
+
+def probe_pruning_history_rounds(worker) -> list[int] | None:
+    """The checkpoint rounds this rank holds."""
+    pruning = _pruning(worker)
+    return None if pruning is None else pruning.history_rounds()
+
+
+def load_probe_pruning_history(worker, round_index: int | None) -> None:
+    pruning = _pruning(worker)
+    if pruning is not None:
+        pruning.load_history(round_index)
+
+
+def checkpoint_probe_pruning_history(worker, round_index: int, wait: bool = False) -> None:
+    pruning = _pruning(worker)
+    if pruning is not None:
+        pruning.checkpoint_history(round_index, wait)
