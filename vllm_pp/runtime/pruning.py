@@ -25,7 +25,7 @@ from vllm_pp.observability.worker import PruningStats, Reporter, build_snapshot
 from vllm_pp.runtime.attention import AttendEveryHead, ProbeOnlyAttention, StepAttention
 from vllm_pp.runtime.history_checkpoints import HistoryWriter
 from vllm_pp.runtime.step import StepTracker
-from vllm_pp.storage.history_shards import load_history_shard, saved_rounds, shard_path
+from vllm_pp.storage.history_shards import check_history_shard, load_history_shard, saved_rounds, shard_path
 
 # vLLM attaches its log handler to the "vllm" logger tree only.
 logger = logging.getLogger("vllm.probe_pruning")
@@ -157,8 +157,15 @@ class ProbePruning:
     # --- --pp-history: called on every rank by the engine core (collective_rpc) ---
 
     def history_rounds(self) -> list[int]:
-        """The checkpoint rounds this rank holds in ``--pp-history``."""
-        return saved_rounds(self.config.history.path, self.worker.tp_rank) if self._writer else []
+        """The checkpoint rounds this rank holds in ``--pp-history``; a shard this
+        server cannot load (another model, TP size or layout) stops start-up."""
+        if self._writer is None:
+            return []
+        path, owner, layout = self.config.history.path, self.worker.shard_owner, self._history_layout()
+        rounds = saved_rounds(path, self.worker.tp_rank)
+        for round_index in rounds:
+            check_history_shard(path, owner, layout, round_index)
+        return rounds
 
     def load_history(self, round_index: int | None) -> None:
         """Load round ``round_index`` of this rank's history (None: a first start)."""

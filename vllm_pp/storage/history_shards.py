@@ -10,10 +10,10 @@ the complete new one, never a torn one). A rank keeps its two newest rounds, so
 that when a crash cut a round short on some ranks, the round before it is still
 complete on all of them.
 
-At start-up the engine core asks every rank which rounds it holds and has them
-all load the newest round that every rank holds (:func:`common_round`): ranks
-never mix rounds. A shard written for another model, TP size, rank or history
-layout is refused.
+At start-up the engine core asks every rank which rounds it holds (each rank
+checks their headers: a shard written for another model, TP size, rank or
+history layout is refused, whichever round it is) and has them all load the
+newest round that every rank holds (:func:`common_round`): ranks never mix rounds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.storage.statistics import ShardOwner, load_statistics, save_statistics
+from vllm_pp.storage.statistics import ShardOwner, check_metadata, load_statistics, save_statistics
 
 KIND = "history"
 # Rounds a rank keeps: the newest and the one before (see the module docstring).
@@ -86,13 +86,20 @@ def check_history_directory(directory: str | Path) -> None:
 def load_history_shard(
     directory: str | Path, owner: ShardOwner, layout: Mapping, round_index: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This rank's tensors of round ``round_index`` and the file's metadata.
+    """This rank's tensors of round ``round_index`` and the file's metadata (checked
+    as :func:`check_history_shard` does)."""
+    check_history_shard(directory, owner, layout, round_index)
+    return load_statistics(shard_path(directory, owner.rank, round_index), kind=KIND, owner=owner)
 
-    ``layout`` describes the history's shape (bucket size, bucket count); a
-    shard saved with another layout is refused rather than reinterpreted.
+
+def check_history_shard(directory: str | Path, owner: ShardOwner, layout: Mapping, round_index: int) -> dict:
+    """The metadata of this rank's shard of round ``round_index``, read from its header.
+
+    A shard of another model, TP size, rank or history layout (``layout``: bucket
+    size and count) is refused with a one-line error, never reinterpreted.
     """
     path = shard_path(directory, owner.rank, round_index)
-    tensors, metadata = load_statistics(path, kind=KIND, owner=owner)
+    metadata = check_metadata(path, kind=KIND, owner=owner)
     if metadata.get("tensor_parallel_rank") != owner.rank:
         raise ProbePruningConfigError(
             f"history shard {str(path)!r} belongs to rank {metadata.get('tensor_parallel_rank')}, "
@@ -103,7 +110,7 @@ def load_history_shard(
             f"history shard {str(path)!r} has layout {metadata.get('layout')}, this server uses "
             f"{dict(layout)}: use another --pp-history directory or the same history settings"
         )
-    return tensors, metadata
+    return metadata
 
 
 def save_history_shard(

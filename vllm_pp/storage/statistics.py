@@ -110,7 +110,24 @@ def load_statistics(
     ``kind`` is the file kind ("calibration" or "history"). A file of another
     kind, version, model or TP size is refused with a one-line error.
     """
-    identity, tp_size, rank = owner.identity, owner.tp_size, owner.rank
+    metadata = check_metadata(path, kind=kind, owner=owner)
+    where = f"statistics file {str(path)!r}"
+    marker = f".rank{owner.rank}."
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if marker in name:
+                    tensors[name.replace(marker, ".")] = f.get_tensor(name)
+    except Exception as err:
+        raise ProbePruningConfigError(f"{where} is damaged: {err}") from None
+    return tensors, metadata
+
+
+def check_metadata(path: str | Path, *, kind: str, owner: ShardOwner) -> dict[str, Any]:
+    """The file's metadata, refused with a one-line error unless it is a ``kind`` file of
+    this format version, made for ``owner``'s model and TP size (reads the header only)."""
+    identity, tp_size = owner.identity, owner.tp_size
     metadata = read_metadata(path)
     where = f"statistics file {str(path)!r}"
     if metadata.get("kind") != kind:
@@ -130,13 +147,4 @@ def load_statistics(
             f"{where} was written with tensor_parallel_size={metadata.get('tensor_parallel_size')}, "
             f"this server runs {tp_size}"
         )
-    marker = f".rank{rank}."
-    tensors = {}
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                if marker in name:
-                    tensors[name.replace(marker, ".")] = f.get_tensor(name)
-    except Exception as err:
-        raise ProbePruningConfigError(f"{where} is damaged: {err}") from None
-    return tensors, metadata
+    return metadata

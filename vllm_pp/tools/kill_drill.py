@@ -130,8 +130,9 @@ class Drill:
     also_kill: tuple[str, ...] = ()  # pkill -f patterns (Ray actors live outside the process group)
     seed: int = 0
     env: dict = field(default_factory=dict)
-    # After this kill, delete rank 1's newest round, as a crash in the middle of its
-    # write would leave it: the restart must load the round before on every rank.
+    # After this kill, delete rank 1's file of the newest round both ranks hold (when
+    # they share an older one too), as a crash in the middle of its write would
+    # leave it: the restart must load the older round on every rank.
     cut_short_after_kill: int | None = None
 
     def _start(self, index: int, metrics_dir: Path):
@@ -197,9 +198,11 @@ class Drill:
                 "requests_answered": load.answered,
                 "held_after_kill": held,
             }
-            if self.cut_short_after_kill == index + 1 and held.get(1):
-                shard_path(self.history, 1, held[1][-1]).unlink()
-                before["cut_short"] = {"rank": 1, "round": held[1][-1]}
+            shared = sorted(set(held.get(0, [])) & set(held.get(1, [])))
+            if self.cut_short_after_kill == index + 1 and len(shared) >= 2:
+                # The newest round both ranks finished, taken from rank 1 only.
+                shard_path(self.history, 1, shared[-1]).unlink()
+                before["cut_short"] = {"rank": 1, "round": shared[-1]}
                 before["held_after_kill"] = check_round_files(self.history, self.tp_size)
         return report
 
