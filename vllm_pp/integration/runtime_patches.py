@@ -265,26 +265,17 @@ def install_runtime_patches() -> None:
     from vllm.v1.executor.abstract import Executor
 
     logger = init_logger("vllm.probe_pruning")
-    for name, make in (
-        ("add_cli_args", _patch_add_cli_args),
-        ("from_cli_args", _patch_from_cli_args),
-        ("create_engine_config", _patch_create_engine_config),
+    flags_lost = "the --pp-* flags are unavailable, use --additional-config '{\"probe_pruning\": {...}}'"
+    history_lost = "--pp-history is neither loaded nor saved"
+    # (owner, method, its wrap, what is lost without it)
+    for owner, name, make, lost in (
+        (EngineArgs, "add_cli_args", _patch_add_cli_args, flags_lost),
+        (EngineArgs, "from_cli_args", _patch_from_cli_args, flags_lost),
+        (EngineArgs, "create_engine_config", _patch_create_engine_config, flags_lost),
+        (EngineCore, "_initialize_kv_caches", _patch_engine_core_initialize_kv_caches, history_lost),
+        (EngineCore, "post_step", _patch_engine_core_post_step, history_lost),
+        (EngineCore, "shutdown", _patch_engine_core_shutdown, history_lost),
+        (Executor, "get_class", _patch_executor_get_class, "Ray on CPU is unavailable"),
     ):
-        if not _wrap_once(EngineArgs, name, make):
-            logger.warning(
-                "vllm-pp: EngineArgs.%s not found in this vLLM; the --pp-* flags are "
-                "unavailable, use --additional-config '{\"probe_pruning\": {...}}'.",
-                name,
-            )
-    for name, make in (
-        ("_initialize_kv_caches", _patch_engine_core_initialize_kv_caches),
-        ("post_step", _patch_engine_core_post_step),
-        ("shutdown", _patch_engine_core_shutdown),
-    ):
-        if not _wrap_once(EngineCore, name, make):
-            logger.warning(
-                "vllm-pp: EngineCore.%s not found in this vLLM; --pp-history is neither "
-                "loaded nor saved.", name,
-            )
-    if not _wrap_once(Executor, "get_class", _patch_executor_get_class):
-        logger.warning("vllm-pp: Executor.get_class not found; Ray on CPU is unavailable.")
+        if not _wrap_once(owner, name, make):
+            logger.warning("vllm-pp: %s.%s not found in this vLLM; %s.", owner.__name__, name, lost)
