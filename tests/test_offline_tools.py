@@ -74,6 +74,31 @@ def test_calibration_file_has_every_block(calibration, random_models):
     assert len(names) == 6 * 2 * 4
 
 
+def test_calibration_statistics_equal_the_reference_on_the_same_windows(calibration, random_models, texts):
+    """Every statistic `vllm-pp calibrate` writes, against the float64 reference's on the
+    windows the documented rule picks (seeded offsets, recomputed here from the text)."""
+    import random
+
+    from helpers.reference_model import ReferenceModel
+    from helpers.reference_probe_pruning import calibration_statistics
+    from tokenizers import Tokenizer
+
+    path, _ = calibration
+    model = random_models["llama-gqa"]
+    metadata = read_metadata(path)
+    tokens = Tokenizer.from_file(str(model / "tokenizer.json")).encode(
+        texts.calibration.read_text(), add_special_tokens=False).ids
+    rng = random.Random(metadata["seed"])
+    starts = [rng.randrange(0, len(tokens) - SEQ_LEN) for _ in range(SAMPLES)]
+    expected = calibration_statistics(ReferenceModel(model), [tokens[s:s + SEQ_LEN] for s in starts])
+    with safe_open(str(path), framework="pt") as f:
+        assert set(f.keys()) == set(expected)
+        for name, value in expected.items():
+            # float32 engine against the float64 reference.
+            torch.testing.assert_close(f.get_tensor(name).double(), value.double(), rtol=2e-4, atol=1e-6,
+                                       msg=name)
+
+
 def test_statistics_file_mismatches_are_refused(calibration, tmp_path):
     path, _ = calibration
     identity = read_metadata(path)["model"]
