@@ -274,9 +274,14 @@ def test_pruned_server_under_load(default_model, tmp_path):
         assert _metric(url, "vllm:probe_pruning_history_skipped_rows_total") >= 0
         assert _metric(url, "vllm:probe_pruning_decide_seconds_total") > 0
         metrics = requests.get(url + "/metrics", timeout=10).text.splitlines()
-        kept = [float(line.rsplit(" ", 1)[1]) for line in metrics
+        kept = [(line.split('block="')[1].split('"')[0], float(line.rsplit(" ", 1)[1])) for line in metrics
                 if line.startswith("vllm:probe_pruning_kept_ratio{")]
-        assert kept and all(0 < ratio < 1 for ratio in kept), kept
+        # SmolLM2 at 0.4: 30 layers, 3 never pruned, so 0.44 in each pruned one
+        # (30 / 27 * 0.4, two decimals): 9 - floor(0.44 * 9) = 6 of 9 heads, and
+        # 1536 - floor(0.44 * 1536) = 861 channels rounded up to 64s = 896 of 1536.
+        expected = {"attention": 6 / 9, "mlp": 896 / 1536}
+        assert len(kept) == 2 * 27 and all(ratio == pytest.approx(expected[block], rel=1e-9)
+                                           for block, ratio in kept), kept
         assert 0 < _metric(url, "vllm:probe_pruning_probe_size") <= MAX_MODEL_LEN
 
     # Stopped by SIGTERM, the server saved the history it learned under load:
