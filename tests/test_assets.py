@@ -194,6 +194,7 @@ def test_text_prepare_is_idempotent(text_dir):
     assert time.perf_counter() - start < 5
     assert paths.evaluation == text_dir / "wiki_eval.txt"
     assert paths.calibration == text_dir / "wiki_calibration.txt"
+    assert paths.heldout == text_dir / "c4_heldout.txt"
     assert verify_manifest(text_dir) is None
 
 
@@ -214,6 +215,29 @@ def test_calibration_text(text_dir):
     assert extracts[0].startswith("20th-century classical music is Western art music")
     assert all(e.strip() for e in extracts)
     assert 750_000 < len(text.split()) < 800_000
+
+
+def test_heldout_text(text_dir):
+    text = (text_dir / "c4_heldout.txt").read_text(encoding="utf-8")
+    pages = text.removesuffix("\n").split("\n\n")
+    assert len(pages) == 118  # one page a line in c4.utf8, none blank
+    assert pages[0].startswith("Restore from larger disk to smaller disk | MacRumors Forums")
+    assert all(p.strip() and "\n" not in p for p in pages)
+    assert 50_000 < len(text.split()) < 57_000
+    assert text == text.strip() + "\n"
+    # Another domain: none of the evaluation text's first lines (article titles
+    # and paragraphs) appears in it, nor any of its pages in the evaluation text.
+    evaluation = (text_dir / "wiki_eval.txt").read_text(encoding="utf-8")
+    first_lines = [line for line in evaluation.splitlines()[:200] if len(line) > 20]
+    assert first_lines and not any(line in text for line in first_lines)
+    assert not any(page[:200] in evaluation for page in pages)
+
+
+def test_text_build_is_deterministic(text_dir, tmp_path):
+    paths = prepare_text(out=tmp_path / "text", quiet=True)
+    for path in (paths.evaluation, paths.calibration, paths.heldout):
+        assert path.read_bytes() == (text_dir / path.name).read_bytes()
+    assert read_manifest(paths.heldout.parent)["files"] == read_manifest(text_dir)["files"]
 
 
 def test_corrupted_text_is_rebuilt(text_dir, tmp_path, capsys):
@@ -304,11 +328,12 @@ def test_cli_model_prepare_quiet_prints_only_the_path(default_model):
     assert result.stderr == ""
 
 
-def test_cli_data_prepare_prints_two_paths(text_dir):
+def test_cli_data_prepare_prints_three_paths(text_dir):
     result = run_cli("data", "prepare", "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [str(text_dir / "wiki_eval.txt"),
-                                          str(text_dir / "wiki_calibration.txt")]
+                                          str(text_dir / "wiki_calibration.txt"),
+                                          str(text_dir / "c4_heldout.txt")]
 
 
 def test_cli_model_random(tmp_path):

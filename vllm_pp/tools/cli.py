@@ -62,8 +62,8 @@ def add_model_commands(groups: argparse._SubParsersAction) -> None:
 
 def add_data_commands(groups: argparse._SubParsersAction) -> None:
     commands = _command_group(groups, "data", "prepare text data")
-    _asset_command(commands, "prepare", "build (or verify) the evaluation and calibration text and "
-                   "print their paths (evaluation first)", _data_prepare)
+    _asset_command(commands, "prepare", "build (or verify) the evaluation, calibration and held-out "
+                   "text and print their paths (evaluation, calibration, held-out)", _data_prepare)
 
 
 def add_calibrate_command(groups: argparse._SubParsersAction) -> None:
@@ -166,7 +166,7 @@ def _data_prepare(args: argparse.Namespace) -> list[Path]:
     from vllm_pp.tools.text_data import prepare_text
 
     paths = prepare_text(args.out, quiet=args.quiet)
-    return [paths.evaluation, paths.calibration]
+    return [paths.evaluation, paths.calibration, paths.heldout]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
