@@ -118,6 +118,33 @@ def cpu_features() -> dict:
             **{flag: flag in flags for flag in CPU_FLAGS}}
 
 
+def protocol_parser(description: str, num_samples: int) -> argparse.ArgumentParser:
+    """Options of a 128-window quality benchmark whose runs share one calibration file."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-samples", type=int, default=num_samples,
+                        help="calibration windows (256: the canonical protocol)")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.4, 0.2])
+    parser.add_argument("--num-windows", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", help="dtype of calibration and evaluation")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/head_groups"), help="calibration files")
+    parser.add_argument("--tag", default=time.strftime("%Y-%m-%d"))
+    return parser
+
+
+def shared_calibration(args: argparse.Namespace, name: str) -> tuple[str, Path, dict]:
+    """The default model's path, ``args``' calibration file (made once in ``args.workdir``,
+    random windows, seed SEED) and its timing (seconds None: made by an earlier run)."""
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    model, _ = cli("model", "prepare", "--quiet")
+    calibration = args.workdir / f"calibration-{args.num_samples}x{SEQ_LEN}-seed{SEED}.safetensors"
+    timing = {"seconds": None}
+    if not calibration.exists():
+        print(f"[{name}] calibrating {args.num_samples} x {SEQ_LEN} -> {calibration}", file=sys.stderr, flush=True)
+        _, timing = cli("calibrate", "--model", model, "--out", calibration, "--num-samples", args.num_samples,
+                        "--seq-len", SEQ_LEN, "--seed", SEED, "--dtype", args.dtype, VLLM_CPU_KVCACHE_SPACE="2")
+    return model, calibration, timing
+
+
 def fmt(value, digits=2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.engines import vllm_engine
-from helpers.servers import vllm_server
 from vllm_pp.tools.engine import free_port
 from vllm_pp.tools.calibrate import calibrate
 from vllm_pp.tools.engine import environ

@@ -20,7 +20,11 @@ of the step's tokens. Per pruned layer and block:
    ``c_k W[i, k]^2`` over the head's D x hd block of W_o) and the top units
    are kept: per-layer ratio ``r' = round(r L / (L - skipped), 2)``, heads
    ``H - floor(r' H)`` (at least 1), MLP channels ``I - floor(r' I)`` rounded
-   up to a multiple of ``channel_multiple`` (at most I);
+   up to a multiple of ``channel_multiple`` (at most I). With
+   ``head_groups="kv"`` heads are kept by whole KV group instead (query heads
+   ``g*j .. g*j + g - 1`` share KV head j): a group scores the sum of its
+   heads' scores, and the top ``floor(k / g + 1/2)`` groups (at least 1) are
+   kept, k being the per-head count above;
 5. the block runs with the output projection's input zeroed outside the kept
    units; then, for every bucket b among the step's tokens,
    ``H[b, kept] = m H[b, kept] + (1 - m) mean_{t in b} x[t, kept]^2``.
@@ -40,6 +44,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import torch
@@ -111,6 +116,9 @@ class Settings:
     # A decision stands for up to this many following decode-only steps with
     # as many requests (probe_pruning.reuse_decode_steps).
     reuse_decode_steps: int = 0
+    # "query": heads chosen one by one; "kv": by whole KV group
+    # (probe_pruning.method_options.head_groups).
+    head_groups: str = "query"
 
 
 @dataclass
@@ -123,6 +131,8 @@ class Decision:
     scores: torch.Tensor  # [units] PPsp scores
     kept: list[int]  # units the step ran with (the reference's own or vLLM's)
     own_kept: list[int]  # the reference's own top units
+    # head_groups "kv", attention: [KV heads] sum of each group's head scores.
+    group_scores: torch.Tensor | None = None
 
 
 @dataclass
@@ -150,6 +160,7 @@ class ReferenceProbePruning:
         num_layers = c["num_hidden_layers"]
         self.heads = c["num_attention_heads"]
         self.head_dim = c.get("head_dim") or c["hidden_size"] // self.heads
+        self.group = self.heads // (c.get("num_key_value_heads") or self.heads)  # query heads per KV head
         self.width = c.get("intermediate_size") or c["ffn_dim"]
         self.pruned_layers = [i for i in range(num_layers) if i not in settings.skip_layers]
         ratio = min(1.0, round(settings.ratio * num_layers / (num_layers - len(settings.skip_layers)), 2))
@@ -159,6 +170,9 @@ class ReferenceProbePruning:
             "attention": max(1, self.heads - math.floor(ratio * self.heads)),
             "mlp": min(self.width, math.ceil(max(1, channels) / multiple) * multiple),
         }
+        if settings.head_groups == "kv":  # nearest whole number of groups, halves up
+            groups = max(1, math.floor(Fraction(self.kept_count["attention"], self.group) + Fraction(1, 2)))
+            self.kept_count["attention"] = groups * self.group
         self.num_buckets = math.ceil(settings.max_model_len / settings.bucket_size)
         self.calibration = calibration
         self.reset()
@@ -221,14 +235,25 @@ class ReferenceProbePruning:
         c = (alpha * pb + (1 - alpha) * hs).sum(0)
 
         w_out = output_weight(self.model, layer, kind)
+        group_scores = None
         if kind == "attention":
             block = (c[None, :] * w_out**2).view(w_out.shape[0], self.heads, self.head_dim)
             scores = block.pow(2).sum(dim=(0, 2)).sqrt()
         else:
             scores = (c[None, :] * w_out**2).pow(2).sum(0).sqrt()
-        own_kept = _top(scores, self.kept_count[kind])
+        if kind == "attention" and s.head_groups == "kv":
+            group_scores = torch.stack([
+                sum(scores[h] for h in range(j * self.group, (j + 1) * self.group))
+                for j in range(self.heads // self.group)
+            ])
+            kept_groups = _top(group_scores, self.kept_count[kind] // self.group)
+            own_kept = [j * self.group + i for j in kept_groups for i in range(self.group)]
+        else:
+            own_kept = _top(scores, self.kept_count[kind])
         kept = vllm["kept"] if vllm and "kept" in vllm else own_kept
-        decisions[key, layer, kind] = Decision(importance, rows, own_rows, scores, kept, own_kept)
+        decisions[key, layer, kind] = Decision(
+            importance, rows, own_rows, scores, kept, own_kept, group_scores
+        )
         return kept
 
     def _update_history(self, layer, kind, kept, z, buckets) -> torch.Tensor:

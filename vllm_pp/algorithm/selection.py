@@ -5,7 +5,7 @@ Counts mirror the official code's float arithmetic (``floor(r * n)``,
 """
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -87,6 +87,57 @@ def top_k_indices(scores: Tensor, k: int) -> Tensor:
     slots = torch.where(kept, kept.cumsum(0) - 1, k)
     units = torch.arange(scores.numel(), device=scores.device)
     return torch.empty(k + 1, dtype=torch.long, device=scores.device).scatter_(0, slots, units)[:k]
+
+
+def num_kept_groups(kept_heads: int, group_size: int) -> int:
+    """KV groups kept when a layer keeps ``kept_heads`` query heads by whole group.
+
+    Rounds ``kept_heads / group_size`` to the nearest whole group, halves up
+    (keeping more), at least one group: the kept share of heads stays within
+    half a group of the layer's ratio. Rounding up, as the MLP channel counts
+    are (3.3), would miss the ratio by up to a whole group, and a group is a
+    large share of a layer (SmolLM2: a third of its 9 heads; LLaMA-3-8B: an
+    eighth of 32), where a channel multiple of 64 is a few percent of an MLP.
+    ``group_size`` 1 (MHA) gives ``kept_heads`` back. Examples: 9 heads in 3
+    groups of 3, 6 kept -> 2 groups, 8 kept -> 3 (every head); 32 heads in 8
+    groups of 4, 18 kept -> 5 groups (4.5, halves up), 25 kept -> 6 (6.25).
+    """
+    if group_size < 1 or kept_heads < 0:
+        raise ValueError(f"need group_size >= 1 and kept_heads >= 0, got {group_size}, {kept_heads}")
+    # floor(kept / size + 1/2) in integers.
+    return max(1, (2 * kept_heads + group_size) // (2 * group_size))
+
+
+def top_k_head_groups(head_scores: Tensor, group_size: int, kept_heads: int) -> Tensor:
+    """Kept query heads, chosen by whole KV group (grouped-query attention).
+
+    A decode attention kernel reads a KV head's cache when any of its query
+    heads is kept, so under GQA pruning saves cache reads only where a whole
+    group goes. Query head ``h`` belongs to KV group ``h // group_size``
+    (vLLM's layout: consecutive query heads share a KV head; under tensor
+    parallelism the heads and groups of one rank).
+
+    A group scores the **sum** of its query heads' scores (for equal group
+    sizes the mean ranks groups identically); the top
+    :func:`num_kept_groups` ``(kept_heads, group_size)`` groups are kept by
+    :func:`top_k_indices`, so ties go to the lower group and a group with a
+    NaN head score ranks lowest. With ``group_size`` 1 (MHA) and
+    ``kept_heads >= 1`` this is ``top_k_indices(head_scores, kept_heads)``, bit
+    for bit.
+
+    head_scores: ``[H]`` float, ``H`` a multiple of ``group_size``. Returns
+    LongTensor ``[num_kept_groups * group_size]``, ascending. Fixed-size
+    operations only (no ``nonzero``, no host read), so a CUDA graph can hold it.
+    """
+    num_heads = head_scores.numel()
+    if head_scores.dim() != 1 or group_size < 1 or num_heads % group_size:
+        raise ValueError(f"need 1-D scores of whole groups of {group_size}, got {tuple(head_scores.shape)}")
+    num_groups = num_heads // group_size
+    kept_groups = min(num_groups, num_kept_groups(kept_heads, group_size))
+    group_scores = head_scores.reshape(num_groups, group_size).sum(dim=1)  # [G]
+    groups = top_k_indices(group_scores, kept_groups)  # [K_g] ascending
+    # A group's query heads are contiguous, as a head's channels are.
+    return kept_heads_to_channels(groups, group_size)  # [K_g * group_size] ascending
 
 
 def kept_heads_to_channels(kept_heads: Tensor, head_dim: int) -> Tensor:
@@ -179,3 +230,78 @@ def flap_allocation(
         _round_kept_up(k, n, channel_multiple) for k, n in zip(kept[num_attn:], sizes[num_attn:])
     ]
     return kept_heads, kept_channels
+
+
+def flap_unit_costs(
+    model_identity: Mapping, hidden: int, head_dim: int, context: int
+) -> tuple[float, float]:
+    """Per-token cost ``(head_cost, channel_cost)`` of one head and one MLP channel, as FLAP counts them.
+
+    A head: its q, k, v, o rows/columns, ``4 * D * hd`` (``2 * D * hd``, q and o,
+    under grouped-query attention, whose K/V are never pruned), plus the
+    attention core over ``context`` tokens, ``2 * S * hd``. A channel: gate, up,
+    down, ``3 * D`` (OPT's fc1, fc2: ``2 * D``). ``model_identity``: the
+    checkpoint's ``model_type``, ``num_attention_heads`` and
+    ``num_key_value_heads`` (vllm_pp/storage/statistics.py). These weigh the
+    units of :func:`flap_allocation`, whose ``ratio`` is a share of their sum.
+    """
+    grouped = (model_identity.get("num_key_value_heads") or 0) < model_identity["num_attention_heads"]
+    head_cost = (2 if grouped else 4) * hidden * head_dim + 2 * context * head_dim
+    channel_cost = (2 if model_identity["model_type"] == "opt" else 3) * hidden
+    return float(head_cost), float(channel_cost)
+
+
+def removed_cost_share(
+    kept_heads: Sequence[int],
+    num_heads: int,
+    kept_channels: Sequence[int],
+    widths: Sequence[int],
+    head_cost: float,
+    channel_cost: float,
+) -> float:
+    """Share of the blocks' head and channel cost that the kept counts remove.
+
+    kept_heads: per attention block; kept_channels, widths: per MLP block.
+    """
+    total = len(kept_heads) * num_heads * head_cost + sum(widths) * channel_cost
+    kept = sum(kept_heads) * head_cost + sum(kept_channels) * channel_cost
+    return 1.0 - kept / total if total else 0.0
+
+
+def flap_allocation_removing(
+    attention_channel_scores: Sequence[Tensor],
+    num_heads: int,
+    mlp_channel_scores: Sequence[Tensor],
+    share: float,
+    head_cost: float,
+    channel_cost: float,
+    channel_multiple: int = 1,
+    steps: int = 20,
+) -> tuple[list[int], list[int]]:
+    """:func:`flap_allocation` at the smallest ratio whose counts remove at least ``share`` of the cost.
+
+    The counts :func:`flap_allocation` returns remove less than its ratio, by
+    the kept channels' rounding up to ``channel_multiple`` and the one head
+    kept per layer. This searches the ratio (bisection; the removed share only
+    grows with it) so that the counts remove ``share`` or just above it (by
+    less than one step of the rounding), e.g. the share another allocation's
+    counts remove, which makes the two compute-matched. ``steps`` 20 finds the
+    ratio to within 1e-6, below any one unit's share of a model's cost.
+    """
+    widths = [s.numel() for s in mlp_channel_scores]
+
+    def allocate(ratio: float) -> tuple[float, tuple[list[int], list[int]]]:
+        heads, channels = flap_allocation(attention_channel_scores, num_heads, mlp_channel_scores,
+                                          ratio, head_cost, channel_cost, channel_multiple)
+        return removed_cost_share(heads, num_heads, channels, widths, head_cost, channel_cost), (heads, channels)
+
+    low, high = 0.0, 1.0
+    best = allocate(high)[1]
+    for _ in range(steps):
+        middle = (low + high) / 2
+        removed, counts = allocate(middle)
+        if removed >= share:
+            high, best = middle, counts
+        else:
+            low = middle
+    return best

@@ -79,11 +79,19 @@ class PrunableBlock:
     # (attention: local heads x head_dim; MLP: local intermediate size).
     width: int
     head_dim: int = 1  # channels per prunable unit; 1 for MLP
+    # Attention: KV heads on this rank (vLLM's num_kv_heads; replicated when the
+    # TP size exceeds the model's KV heads). 0: one per query head (MHA), and MLP.
+    num_kv_heads: int = 0
 
     @property
     def num_units(self) -> int:
         """Local heads for attention, local channels for MLP."""
         return self.width // self.head_dim
+
+    @property
+    def group_size(self) -> int:
+        """Query heads sharing one KV head on this rank (1 under MHA and for MLP)."""
+        return self.num_units // self.num_kv_heads if self.num_kv_heads else 1
 
 
 @dataclass(frozen=True)

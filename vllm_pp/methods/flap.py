@@ -6,7 +6,12 @@ from __future__ import annotations
 import torch
 
 from vllm_pp.algorithm.scores import flap_bias_compensation, flap_channel_scores, flap_head_scores
-from vllm_pp.algorithm.selection import flap_allocation, kept_heads_to_channels, top_k_indices
+from vllm_pp.algorithm.selection import (
+    flap_allocation,
+    flap_unit_costs,
+    kept_heads_to_channels,
+    top_k_indices,
+)
 from vllm_pp.methods.static import StaticPruningMethod
 
 
@@ -23,15 +28,11 @@ class Flap(StaticPruningMethod):
             for b in self.blocks
         }
         hidden, head_dim = weights[attention[0]].shape[0], attention[0].head_dim
-        # Per-token cost of one head and one channel, as FLAP's code counts them:
-        # the head's q, k, v, o projections (q, o only under GQA, whose K/V are
-        # never pruned) plus the attention core over the calibration length,
-        # against the channel's gate, up, down (OPT: fc1, fc2).
-        identity = self.worker.model_identity
-        grouped = (identity.get("num_key_value_heads") or 0) < identity["num_attention_heads"]
-        context = calibration.metadata.get("seq_len", 1024)
-        head_cost = (2 if grouped else 4) * hidden * head_dim + 2 * context * head_dim
-        channel_cost = (2 if identity["model_type"] == "opt" else 3) * hidden
+        # Per-token cost of one head and one channel, as FLAP's code counts them
+        # (the attention core over the calibration length).
+        head_cost, channel_cost = flap_unit_costs(
+            self.worker.model_identity, hidden, head_dim, calibration.metadata.get("seq_len", 1024)
+        )
         kept_heads, kept_channels = flap_allocation(
             [scores[b] for b in attention],
             attention[0].num_units,

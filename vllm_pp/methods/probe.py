@@ -46,7 +46,14 @@ from vllm_pp.algorithm.probe import (
     token_importance,
 )
 from vllm_pp.algorithm.scores import attention_head_scores, channel_weight_norm, mlp_channel_scores
-from vllm_pp.algorithm.selection import top_k_indices
+from vllm_pp.algorithm.selection import (
+    flap_allocation_removing,
+    flap_unit_costs,
+    num_kept_groups,
+    removed_cost_share,
+    top_k_head_groups,
+    top_k_indices,
+)
 from vllm_pp.config import ProbePruningConfigError
 from vllm_pp.methods.base import PrunableBlock, PruningMethod, StepBatch, WorkerInfo
 from vllm_pp.observability.profiling import timed
@@ -56,6 +63,15 @@ from vllm_pp.storage.statistics import tensor_name
 
 # Activations one step's deferred EMA updates may hold before they run.
 PENDING_UPDATE_BYTES = 32 * 2**20
+# method_options.head_groups, how attention heads are chosen: "query", each query
+# head on its own (the paper); "kv", whole KV groups under grouped-query
+# attention, so that a decode attention kernel skips every pruned group's cache.
+HEAD_GROUPS = ("query", "kv")
+# method_options.allocation, how many units each pruned block keeps: "uniform",
+# the layer ratio in every block (the paper); "calibrated", per-block budgets
+# from the calibration statistics by FLAP's global allocation
+# (ProbePruningMethod._calibrated_budgets).
+ALLOCATIONS = ("uniform", "calibrated")
 
 
 @dataclass(frozen=True)
@@ -70,14 +86,28 @@ class _StepState:
 
 
 class ProbePruningMethod(PruningMethod):
-    """PP: probe + calibrated history + PPsp, decided every step."""
+    """PP: probe + calibrated history + PPsp, decided every step.
+
+    method_options: {"head_groups": "query" (default) | "kv"}; with "kv" an
+    attention block keeps whole KV groups of its rank's heads
+    (:func:`~vllm_pp.algorithm.selection.top_k_head_groups`, docs/design.md).
+    {"allocation": "uniform" (default) | "calibrated"}; with "calibrated" each
+    block's kept count comes from the calibration file at prepare()
+    (:meth:`_calibrated_budgets`) and the per-step decision chooses within it.
+    """
 
     name = "probe"
     keeps_history = True
+    options = ("head_groups", "allocation")
 
     def __init__(self, config, blocks: list[PrunableBlock], worker: WorkerInfo) -> None:
         super().__init__(config, blocks, worker)
-        self.kept_counts = {b: self.kept_unit_count(b) for b in blocks}
+        self.head_groups = config.method_options.get("head_groups", "query")
+        self.allocation = config.method_options.get("allocation", "uniform")
+        # Units each block keeps before head-group rounding, when not the layer
+        # ratio's: filled by prepare() for allocation "calibrated".
+        self.unit_budgets: dict[PrunableBlock, int] = {}
+        self.kept_counts = {b: self._kept_count(b) for b in blocks}
         # position_bucket_size 0: one history row shared by all positions.
         self.bucket_size = config.history.position_bucket_size or worker.max_model_len
         self.num_buckets = math.ceil(worker.max_model_len / self.bucket_size)
@@ -108,6 +138,39 @@ class ProbePruningMethod(PruningMethod):
         self._last_kept: dict[PrunableBlock, torch.Tensor] = {}
         self._decision_requests = 0  # requests of the step whose decisions stand
 
+    @classmethod
+    def check_options(cls, config) -> None:
+        super().check_options(config)
+        head_groups = config.method_options.get("head_groups", "query")
+        if head_groups not in HEAD_GROUPS:
+            raise ProbePruningConfigError(
+                f"probe_pruning.method_options.head_groups={head_groups!r} is invalid: "
+                f"expected one of {', '.join(map(repr, HEAD_GROUPS))}"
+            )
+        allocation = config.method_options.get("allocation", "uniform")
+        if allocation not in ALLOCATIONS:
+            raise ProbePruningConfigError(
+                f"probe_pruning.method_options.allocation={allocation!r} is invalid: "
+                f"expected one of {', '.join(map(repr, ALLOCATIONS))}"
+            )
+        if allocation == "calibrated" and not config.calibration:
+            raise ProbePruningConfigError(
+                "probe_pruning.method_options.allocation='calibrated' needs a calibration file "
+                "(--pp-calibration PATH, written by `vllm-pp calibrate`)"
+            )
+
+    def kept_unit_count(self, block: PrunableBlock) -> int:
+        """The block's calibrated budget if it has one, else the layer ratio's count."""
+        budget = self.unit_budgets.get(block)
+        return budget if budget is not None else super().kept_unit_count(block)
+
+    def _kept_count(self, block: PrunableBlock) -> int:
+        """Units ``block`` keeps; whole KV groups round to the nearest group (head_groups "kv")."""
+        count = self.kept_unit_count(block)
+        if block.kind == "attention" and self.head_groups == "kv":
+            return num_kept_groups(count, block.group_size) * block.group_size
+        return count
+
     @property
     def skipped_history_rows(self) -> int:
         """History rows left unchanged because their update was not finite."""
@@ -120,6 +183,69 @@ class ProbePruningMethod(PruningMethod):
             for block in self.blocks:
                 rows = calibration.bucketed_sq_mean(block, self.bucket_size, self.num_buckets)
                 self.history[block].copy_(rows)
+            if self.allocation == "calibrated":
+                # Static per block, fixed before the first step: the step path
+                # reads only host ints, as with the uniform counts.
+                self.unit_budgets = self._calibrated_budgets(calibration, output_weights)
+                self.kept_counts = {b: self._kept_count(b) for b in self.blocks}
+
+    def _calibrated_budgets(self, calibration, output_weights) -> dict[PrunableBlock, int]:
+        """Kept units per block by FLAP's global allocation, over PPsp calibration scores.
+
+        Units of all pruned blocks are pooled and the lowest-scoring ones pruned
+        (:func:`~vllm_pp.algorithm.selection.flap_allocation`, with FLAP's head
+        and channel costs, :func:`~vllm_pp.algorithm.selection.flap_unit_costs`)
+        until they remove the share of the pruned blocks' head and channel cost
+        that the uniform counts remove. That share is below the layer ratio
+        (SmolLM2 at ratio 0.4: r' = 0.44, but they prune 3 of 9 heads and 640 of 1536
+        channels, 39.0% of the cost); matching it rather than r' keeps the
+        variants compute-matched, "ratio" meaning the same compute removed,
+        only spread unevenly over blocks and between attention and MLP.
+
+        A unit scores PPsp with the calibration's E[x^2] over all positions as
+        the statistic, ``E[x_k^2] * ||W[:, k]^2||_2``: the score the per-step
+        decision ranks units by, with the history it starts from, so the
+        budgets follow the measure that then spends them. FLAP's fluctuation
+        (the variance) suits FLAP, whose bias compensation restores a pruned
+        channel's mean; PP restores nothing, so a channel with a large mean
+        and a small variance still matters to it. FLAP standardises each
+        block's scores before pooling them, so a block's budget follows the
+        shape of its scores, not their scale.
+
+        Under tensor parallelism every rank allocates over its own shard's
+        statistics, so ranks may keep different counts in one layer; the
+        output projections are row-parallel (each rank's partial output is
+        [hidden] whatever its kept count), so the all-reduce is unchanged.
+        """
+        attention = [b for b in self.blocks if b.kind == "attention"]
+        mlp = [b for b in self.blocks if b.kind == "mlp"]
+        scores = {}  # block -> [width] PPsp channel scores
+        for block in self.blocks:
+            # One bucket over every position: the count-weighted E[x^2], [width].
+            sq_mean = calibration.bucketed_sq_mean(block, 1, 1)[0]
+            scores[block] = mlp_channel_scores(sq_mean, self.weight_norms[block].cpu())
+        hidden = next(iter(output_weights.values())).shape[0]
+        head_cost, channel_cost = flap_unit_costs(
+            self.worker.model_identity, hidden, attention[0].head_dim if attention else 1,
+            calibration.metadata.get("seq_len", 1024),
+        )
+        num_heads = attention[0].num_units if attention else 1
+        uniform_count = super().kept_unit_count  # the layer ratio's count
+        uniform = removed_cost_share(
+            [uniform_count(b) for b in attention], num_heads,
+            [uniform_count(b) for b in mlp], [b.num_units for b in mlp],
+            head_cost, channel_cost,
+        )
+        kept_heads, kept_channels = flap_allocation_removing(
+            [scores[b] for b in attention],
+            num_heads,
+            [scores[b] for b in mlp],
+            uniform,
+            head_cost=head_cost,
+            channel_cost=channel_cost,
+            channel_multiple=self.config.channel_multiple,
+        )
+        return dict(zip(attention, kept_heads)) | dict(zip(mlp, kept_channels))
 
     def decide(self, block, batch: StepBatch, residual, probe):
         step = self._step_state(batch)
@@ -224,6 +350,8 @@ class ProbePruningMethod(PruningMethod):
 
     @timed("selection")
     def _select(self, block: PrunableBlock, scores: torch.Tensor) -> torch.Tensor:
+        if block.kind == "attention" and self.head_groups == "kv":
+            return top_k_head_groups(scores, block.group_size, self.kept_counts[block])
         return top_k_indices(scores, self.kept_counts[block])
 
     def history_layout(self) -> dict:

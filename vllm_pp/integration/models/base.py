@@ -62,6 +62,7 @@ def add_pruned_blocks(
     *,
     output_projection: torch.nn.Module,
     head_dim: int,
+    num_kv_heads: int,
     mlp_input: torch.nn.Module,
     act_fn,
     mlp_output: torch.nn.Module,
@@ -69,8 +70,10 @@ def add_pruned_blocks(
 ) -> tuple[BlockPruner, BlockPruner]:
     """Register a decoder layer's attention-output and MLP blocks; their pruners.
 
-    ``output_projection``: o_proj / out_proj; ``mlp_input``, ``mlp_output``:
-    gate_up_proj / fc1 and down_proj / fc2 (vLLM's parallel linears).
+    ``output_projection``: o_proj / out_proj; ``num_kv_heads``: the attention's
+    KV heads on this rank (vLLM's ``Attention.num_kv_heads``; MHA: its query
+    heads); ``mlp_input``, ``mlp_output``: gate_up_proj / fc1 and down_proj / fc2
+    (vLLM's parallel linears).
     """
     for linear in (output_projection, mlp_input, mlp_output):
         keep_dense_weight(linear)
@@ -79,7 +82,8 @@ def add_pruned_blocks(
         return OutputProjection(linear, row_parallel_all_reduce(linear))
 
     attention = pruning.add_block(
-        PrunableBlock(layer_index, "attention", output_projection.input_size_per_partition, head_dim),
+        PrunableBlock(layer_index, "attention", output_projection.input_size_per_partition, head_dim,
+                      num_kv_heads),
         PrunedAttentionOutput(output(output_projection), head_dim),
     )
     mlp = pruning.add_block(

@@ -39,7 +39,7 @@ class ProbePruningLlamaDecoderLayer(LlamaDecoderLayer):
         self.pruning = pruning
         self.attention_pruner, self.mlp_pruner = add_pruned_blocks(
             pruning, layer_index,
-            output_projection=attn.o_proj, head_dim=attn.head_dim,
+            output_projection=attn.o_proj, head_dim=attn.head_dim, num_kv_heads=attn.attn.num_kv_heads,
             mlp_input=mlp.gate_up_proj, act_fn=mlp.act_fn, mlp_output=mlp.down_proj, gated=True,
         )
 

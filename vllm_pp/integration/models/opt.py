@@ -37,7 +37,7 @@ class ProbePruningOPTDecoderLayer(OPTDecoderLayer):
         self.pruning = pruning
         self.attention_pruner, self.mlp_pruner = add_pruned_blocks(
             pruning, layer_index,
-            output_projection=attn.out_proj, head_dim=attn.head_dim,
+            output_projection=attn.out_proj, head_dim=attn.head_dim, num_kv_heads=attn.attn.num_kv_heads,
             mlp_input=self.fc1, act_fn=self.activation_fn, mlp_output=self.fc2, gated=False,
         )
 
