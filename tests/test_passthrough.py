@@ -13,8 +13,12 @@ GREEDY = SamplingParams(temperature=0, max_tokens=12, prompt_logprobs=2, logprob
 
 
 def _generate(llm):
+    # One prompt per call: the engine core may start stepping before a batch's
+    # last request arrives, so a batch's step composition (and with it the CPU
+    # kernels' rounding) depends on timing; a request alone steps the same way
+    # every time.
     results = []
-    for out in llm.generate(PROMPTS, GREEDY, use_tqdm=False):
+    for out in (llm.generate([prompt], GREEDY, use_tqdm=False)[0] for prompt in PROMPTS):
         completion = out.outputs[0]
         results.append(
             {
