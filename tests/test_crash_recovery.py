@@ -11,6 +11,7 @@ import time
 import urllib.request
 
 import pytest
+from helpers.servers import metric_samples
 from vllm_pp.tools.engine import stop_server
 from vllm_pp.tools.kill_drill import Drill, Load, _served_model
 
@@ -24,15 +25,6 @@ def _mount_tmpfs(path, size_kib: int) -> bool:
     path.mkdir(parents=True, exist_ok=True)
     return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(path)],
                           capture_output=True).returncode == 0
-
-
-def _metric(url: str, name: str, **labels) -> float:
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    wanted = [f'{k}="{v}"' for k, v in labels.items()]
-    values = [float(line.rsplit(" ", 1)[1]) for line in lines
-              if line.startswith(name + "{") and all(w in line for w in wanted)]
-    return sum(values)
 
 
 def _wait_for(condition, timeout: float = 30.0) -> bool:
@@ -89,7 +81,8 @@ def _volume_failures(url: str, history, on_tmpfs: bool) -> None:
     model = _served_model(url)
 
     def counted(outcome: str) -> float:
-        return _metric(url, "vllm:probe_pruning_history_checkpoints_total", outcome=outcome)
+        # Absent (0) until the worker's first snapshot.
+        return sum(metric_samples(url, "vllm:probe_pruning_history_checkpoints_total", outcome=outcome))
 
     with Load(url, model) as load:
         assert _wait_for(lambda: counted("written") > 0)

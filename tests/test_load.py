@@ -20,7 +20,7 @@ import pytest
 import requests
 import torch
 from safetensors import safe_open
-from helpers.servers import exercise_endpoints, vllm_server
+from helpers.servers import exercise_endpoints, metric_samples, vllm_server
 from vllm_pp.storage.history_shards import saved_rounds, shard_path
 
 MAX_MODEL_LEN = 512
@@ -225,13 +225,8 @@ async def _drive(base_url: str, model: str) -> dict[str, list]:
 
 
 def _metric(base_url: str, name: str, **labels: str) -> float:
-    """Sum of a metric's samples with these labels, from the server's Prometheus /metrics."""
-    text = requests.get(base_url + "/metrics", timeout=10).text
-    samples = [
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
-    ]
+    """Sum of a metric's samples with these labels; the metric must be there."""
+    samples = metric_samples(base_url, name, **labels)
     assert samples, f"{name} {labels} not in /metrics"
     return sum(samples)
 

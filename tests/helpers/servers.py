@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -52,3 +53,14 @@ def exercise_endpoints(base_url: str, model: str) -> None:
         if chunk.choices
     ]
     assert "".join(pieces).strip()
+
+
+def metric_samples(base_url: str, name: str, **labels: str) -> list[float]:
+    """The values of a metric's samples with these labels, from the server's Prometheus /metrics."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=10) as response:
+        lines = response.read().decode().splitlines()
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in lines
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items())
+    ]

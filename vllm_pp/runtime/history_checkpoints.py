@@ -138,7 +138,12 @@ class HistoryWriter:
             copied = torch.cuda.Event()
             copied.record()
         compute.wait_stream(self._side_stream)  # the next update waits for the copy
-        return lambda: (copied.synchronize(), self._host)[1]
+
+        def finished() -> dict[str, torch.Tensor]:  # in the writer thread
+            copied.synchronize()
+            return self._host
+
+        return finished
 
     def _write(self, copied: Callable[[], dict[str, torch.Tensor]], round_index: int, steps: int) -> None:
         try:

@@ -86,10 +86,12 @@ def check_history_directory(directory: str | Path) -> None:
 def load_history_shard(
     directory: str | Path, owner: ShardOwner, layout: Mapping, round_index: int
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """This rank's tensors of round ``round_index`` and the file's metadata (checked
-    as :func:`check_history_shard` does)."""
-    check_history_shard(directory, owner, layout, round_index)
-    return load_statistics(shard_path(directory, owner.rank, round_index), kind=KIND, owner=owner)
+    """This rank's tensors of round ``round_index`` and the file's metadata, refused
+    as :func:`check_history_shard` refuses (one read of the header)."""
+    path = shard_path(directory, owner.rank, round_index)
+    tensors, metadata = load_statistics(path, kind=KIND, owner=owner)
+    _check_rank_and_layout(path, metadata, owner, layout)
+    return tensors, metadata
 
 
 def check_history_shard(directory: str | Path, owner: ShardOwner, layout: Mapping, round_index: int) -> dict:
@@ -100,6 +102,11 @@ def check_history_shard(directory: str | Path, owner: ShardOwner, layout: Mappin
     """
     path = shard_path(directory, owner.rank, round_index)
     metadata = check_metadata(path, kind=KIND, owner=owner)
+    _check_rank_and_layout(path, metadata, owner, layout)
+    return metadata
+
+
+def _check_rank_and_layout(path: Path, metadata: dict, owner: ShardOwner, layout: Mapping) -> None:
     if metadata.get("tensor_parallel_rank") != owner.rank:
         raise ProbePruningConfigError(
             f"history shard {str(path)!r} belongs to rank {metadata.get('tensor_parallel_rank')}, "
@@ -110,7 +117,6 @@ def check_history_shard(directory: str | Path, owner: ShardOwner, layout: Mappin
             f"history shard {str(path)!r} has layout {metadata.get('layout')}, this server uses "
             f"{dict(layout)}: use another --pp-history directory or the same history settings"
         )
-    return metadata
 
 
 def save_history_shard(
