@@ -30,7 +30,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vllm_pp.storage.history_shards import saved_rounds, shard_path
+from vllm_pp.storage.history_shards import common_round, saved_rounds, shard_path
 from vllm_pp.storage.statistics import read_metadata
 from vllm_pp.tools.engine import launch_server, stop_server
 
@@ -208,8 +208,6 @@ class Drill:
 
 
 def _newest_common(held: dict[int, list[int]]) -> int | None:
-    from vllm_pp.storage.history_shards import common_round
-
     return common_round([held[rank] for rank in sorted(held)])
 
 
