@@ -199,6 +199,11 @@ def test_ray_worker_refuses_history_of_another_tp_size(random_models, ray_head, 
             pass
     # The worker's one-line error travels inside Ray's and vLLM's start-up errors.
     assert "was written with tensor_parallel_size=1, this server runs 2" in _all_messages(failure.value)
+    # The refused start-up took its worker actors down with it.
+    deadline = time.monotonic() + 30
+    while (left := _ray_processes("ray::CpuRayWorkerProc")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not left, f"worker actors outlived the refused start-up: {left}"
 
 
 def _all_messages(error: BaseException) -> str:

@@ -165,7 +165,12 @@ class _RecordingExecutor:
         from vllm_pp.integration.models.base import probe_pruning_history_rounds
 
         self.calls.append((method.__name__, *args))
+        if isinstance(self.held, Exception):
+            raise self.held
         return [list(r) for r in self.held] if method is probe_pruning_history_rounds else [None, None]
+
+    def shutdown(self):
+        self.calls.append(("shutdown",))
 
 
 class _EngineCoreStandIn:
@@ -209,6 +214,19 @@ def test_initialize_kv_caches_hook_loads_the_newest_round_every_rank_holds(caplo
     for quiet in ({"ratio": 0.4}, {"ratio": 0.0, "history": {"path": "/h"}}):
         core = _started(quiet)
         assert core.model_executor.calls == [] and not hasattr(core, "_probe_pruning_checkpoints")
+
+
+def test_initialize_kv_caches_hook_shuts_the_workers_down_when_a_history_is_refused():
+    from vllm_pp.integration.runtime_patches import _patch_engine_core_initialize_kv_caches
+
+    refused = ValueError("rank0.round000004.safetensors was written with tensor_parallel_size=1")
+    core = _EngineCoreStandIn(HISTORY, held=refused)
+    initialize = _patch_engine_core_initialize_kv_caches(lambda core, config: "kv-cache-config")
+    with pytest.raises(ValueError, match="tensor_parallel_size=1"):
+        initialize(core, core.vllm_config)
+    # vLLM would leave the executor running: an in-process engine core's Ray
+    # actors would outlive the failed start-up.
+    assert core.model_executor.calls == [("probe_pruning_history_rounds",), ("shutdown",)]
 
 
 def test_post_step_hook_starts_a_round_on_every_rank_when_due():

@@ -159,6 +159,17 @@ def _patch_engine_core_initialize_kv_caches(initialize_kv_caches: Callable) -> C
         config = _history_config(self)
         if config is None:
             return kv_cache_config
+        try:
+            load_newest_common_round(self, config)
+        except BaseException:
+            # vLLM's EngineCore.__init__ leaves its executor running when start-up
+            # fails; an engine core in the caller's process (no multiprocessing)
+            # would keep its workers, e.g. Ray actors, until the interpreter exits.
+            self.model_executor.shutdown()
+            raise
+        return kv_cache_config
+
+    def load_newest_common_round(engine_core, config: ProbePruningConfig) -> None:
         from vllm_pp.integration.models.base import (
             load_probe_pruning_history,
             probe_pruning_history_rounds,
@@ -166,7 +177,7 @@ def _patch_engine_core_initialize_kv_caches(initialize_kv_caches: Callable) -> C
         from vllm_pp.runtime.history_checkpoints import CheckpointSchedule
         from vllm_pp.storage.history_shards import common_round
 
-        held = self.collective_rpc(probe_pruning_history_rounds)  # one list per rank
+        held = engine_core.collective_rpc(probe_pruning_history_rounds)  # one list per rank
         round_index = common_round(held)
         if any(rounds and rounds[-1] != round_index for rounds in held):
             by_rank = dict(enumerate(held))
@@ -177,11 +188,10 @@ def _patch_engine_core_initialize_kv_caches(initialize_kv_caches: Callable) -> C
                 if round_index is not None
                 else "none is held by every rank, so every rank starts from calibration",
             )
-        self.collective_rpc(load_probe_pruning_history, args=(round_index,))
+        engine_core.collective_rpc(load_probe_pruning_history, args=(round_index,))
         newest = max((r for rounds in held for r in rounds), default=0)
         interval = config.history.checkpoint_seconds if config.history.update else 0
-        setattr(self, _CHECKPOINTS, CheckpointSchedule(interval, next_round=newest + 1))
-        return kv_cache_config
+        setattr(engine_core, _CHECKPOINTS, CheckpointSchedule(interval, next_round=newest + 1))
 
     return initialize_kv_caches_loading_probe_pruning_history
 
