@@ -11,7 +11,8 @@ step schedule:
   norms and vLLM's kept units a top-k of the reference's PPsp scores (up to
   near-ties);
 * with its own decisions, it must reproduce vLLM's prompt logprobs and greedy
-  tokens;
+  tokens; where its decisions part from vLLM's, the first one that differs must
+  be a near-tie (the test then skips, naming it) or the test fails;
 * variants of the reference (history ignored, every token probed, history
   never updated) must break the top-k check, so the check can fail.
 """
@@ -186,6 +187,23 @@ def _violations(decisions: dict, records: dict) -> list[tuple]:
     return bad
 
 
+def _first_divergence(own: Run, records: dict) -> tuple[str, tuple, float] | None:
+    """Where the reference's own decisions first leave vLLM's: (what, key, gap), or None.
+
+    Up to that decision both runs held the same states and history, so it must
+    be a near-tie of the probe rows or of the kept units (``gap``, as
+    :func:`_not_top_k`, at most TOLERANCE); the decisions after it may follow from it.
+    """
+    differing = [k for k, d in own.decisions.items() if d.own_kept != records[k]["kept"]]
+    if not differing:
+        return None
+    first = min(differing)
+    decision, record = own.decisions[first], records[first]
+    if record["probe_rows"] != decision.own_probe_rows:
+        return "probe rows", first, _not_top_k(decision.importance, record["probe_rows"])
+    return "kept units", first, _not_top_k(decision.scores, record["kept"])
+
+
 def test_step_forward_matches_reference_model(random_models):
     """Chunks of several sequences in one step give the logits of each sequence run alone."""
     for family in FAMILIES:
@@ -265,15 +283,29 @@ def test_kept_units_are_top_k_of_reference_scores(served):
 
 def test_reference_with_own_decisions_reproduces_vllm_outputs(served):
     own = served.reference().run(PROMPTS, served.steps, DECODE_STEPS)
-    differing = [k for k, d in own.decisions.items() if d.own_kept != served.records[k]["kept"]]
-    if differing:  # a near-tie (test_kept_units_... bounds it) sends the runs apart
-        pytest.skip(f"near-tie decisions differ at {differing}")
+    divergence = _first_divergence(own, served.records)
+    if divergence:
+        what, key, gap = divergence
+        assert gap <= TOLERANCE, f"{what} of {key} differ beyond a near-tie: gap {gap:.2e} > {TOLERANCE}"
+        pytest.skip(f"a near-tie of the {what} of {key} (gap {gap:.2e} <= {TOLERANCE}) sends the runs apart")
     got_prompt, got_tokens = served.vllm
     for got, want in zip(got_prompt, own.prompt_logprobs):
         assert len(got) == len(want)
         assert max(abs(g - w) for g, w in zip(got, want)) < 2e-3, (served.name, got, want)
     assert all(len(ids) == DECODE_STEPS for ids, _ in got_tokens)
     assert decode_mismatch(got_tokens, own.tokens) < 2e-3, (served.name, got_tokens, own.tokens)
+
+
+def test_own_decisions_check_fails_beyond_a_near_tie(served):
+    """Negative control: vLLM's log with one decision swapped for the lowest-scoring
+    units is a divergence that test_reference_with_own_decisions_... fails on."""
+    own = served.reference().run(PROMPTS, served.steps, DECODE_STEPS)
+    key, decision = min(own.decisions.items())
+    worst = sorted(range(decision.scores.numel()), key=lambda u: decision.scores[u].item())
+    swapped = dict(served.records)
+    swapped[key] = {**served.records[key], "kept": sorted(worst[: len(decision.own_kept)])}
+    what, where, gap = _first_divergence(own, swapped)
+    assert (what, where) == ("kept units", key) and gap > TOLERANCE, (what, where, gap)
 
 
 @pytest.mark.parametrize(
