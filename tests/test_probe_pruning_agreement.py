@@ -15,6 +15,9 @@ step schedule:
   be a near-tie (the test then skips, naming it) or the test fails;
 * variants of the reference (history ignored, every token probed, history
   never updated) must break the top-k check, so the check can fail.
+
+Full-batch probing is served and checked the same way: it is the reference
+with every token probed and the probe's statistic used alone.
 """
 
 from __future__ import annotations
@@ -41,13 +44,25 @@ DECODE_STEPS = 6
 # History bucket size per family: one row per position (the paper's), and
 # buckets of 4 positions, so count-weighted pooling of calibration rows runs.
 FAMILIES = {"llama-gqa": 1, "opt": 4}
-# The engines served: name -> (family, settings). The reuse engine lets decode
-# steps keep a decision made up to 2 steps before (reuse_decode_steps), which
-# the reference replays with its own reuse rule.
+# The engines served: name -> (family, method logging its decisions
+# (helpers/selection_hooks.py), changes to SETTINGS). The reuse engine lets
+# decode steps keep a decision made up to 2 steps before (reuse_decode_steps),
+# which the reference replays with its own reuse rule. Full-batch probing is
+# the reference with every token probed and no fusion.
 SERVED = {
-    "llama-gqa": ("llama-gqa", {}),
-    "opt": ("opt", {}),
-    "llama-gqa-reuse-2": ("llama-gqa", {"reuse_decode_steps": 2}),
+    "llama-gqa": ("llama-gqa", "LoggedProbePruning", {}),
+    "opt": ("opt", "LoggedProbePruning", {}),
+    "llama-gqa-reuse-2": ("llama-gqa", "LoggedProbePruning", {"reuse_decode_steps": 2}),
+    "llama-gqa-full-batch": ("llama-gqa", "LoggedFullBatchProbing", {"probe_ratio": 1.0, "fusion": "probe-only"}),
+}
+# Negative controls, per method: reference variants whose decisions the
+# engine's must not match.
+PP_CONTROLS = {"no-history": {"use_history": False}, "probe-all": {"probe_ratio": 1.0},
+               "no-ema-update": {"ema_momentum": 1.0}}
+CONTROLS = {
+    "LoggedProbePruning": PP_CONTROLS,
+    "LoggedFullBatchProbing": {"fused-with-history": {"fusion": "importance-scaled"},
+                               "probe-quarter": {"probe_ratio": 0.25}},
 }
 # Calibration windows of distinct lengths (unequal counts per position); the
 # longest prompt decodes past position 17, where only the fallback applies.
@@ -86,13 +101,14 @@ def _write_calibration(model: ReferenceModel, model_dir, out) -> None:
     save_statistics(out, calibration_statistics(model, windows), metadata)
 
 
-def _engine_config(settings: Settings, calibration, decision_log) -> dict:
+def _engine_config(method: str, settings: Settings, calibration, decision_log) -> dict:
     return {
         "probe_pruning": {
             "ratio": settings.ratio,
-            "method": "helpers.selection_hooks:LoggedProbePruning",
+            "method": f"helpers.selection_hooks:{method}",
             "method_options": {"decision_log": str(decision_log)},
-            "probe": {"ratio": settings.probe_ratio, "min_tokens": settings.min_tokens},
+            "probe": {"ratio": settings.probe_ratio, "min_tokens": settings.min_tokens,
+                      "selection": settings.probe_selection},
             "history": {
                 "ema_momentum": settings.ema_momentum,
                 "position_bucket_size": settings.bucket_size,
@@ -122,6 +138,7 @@ def _steps(records: list[dict]) -> list[tuple[int, list[tuple[int, int, int]]]]:
 @dataclass
 class Served:
     name: str  # the engine's name in SERVED
+    method: str  # its method, a class of helpers/selection_hooks.py
     settings: Settings
     model: ReferenceModel
     calibration: Path
@@ -143,7 +160,7 @@ class Served:
 
 @pytest.fixture(scope="module", params=list(SERVED))
 def served(request, random_models, tmp_path_factory) -> Served:
-    family, changes = SERVED[request.param]
+    family, method, changes = SERVED[request.param]
     path = random_models[family]
     tmp = tmp_path_factory.mktemp(f"pp-{request.param}")
     settings = dataclasses.replace(SETTINGS, bucket_size=FAMILIES[family], **changes)
@@ -151,13 +168,13 @@ def served(request, random_models, tmp_path_factory) -> Served:
     calibration = tmp / "calibration.safetensors"
     _write_calibration(model, path, calibration)
     log = tmp / "decisions.jsonl"
-    config = _engine_config(settings, calibration, log)
+    config = _engine_config(method, settings, calibration, log)
     with vllm_engine(path, in_process=True, additional_config=config) as llm:
         outputs = vllm_generate(llm, PROMPTS, DECODE_STEPS)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     records = {(r["key"], r["layer"], r["kind"]): r for r in lines}
     assert len(records) == len(lines), "a (step, layer, block) was decided twice"
-    served = Served(request.param, settings, model, calibration, records, _steps(lines), outputs)
+    served = Served(request.param, method, settings, model, calibration, records, _steps(lines), outputs)
     served.replay = served.reference().run(
         PROMPTS, served.steps, DECODE_STEPS, forced=served.forced(), forced_tokens=served.vllm_tokens()
     )
@@ -308,20 +325,17 @@ def test_own_decisions_check_fails_beyond_a_near_tie(served):
     assert (what, where) == ("kept units", key) and gap > TOLERANCE, (what, where, gap)
 
 
-@pytest.mark.parametrize(
-    "change",
-    [{"use_history": False}, {"probe_ratio": 1.0}, {"ema_momentum": 1.0}],
-    ids=["no-history", "probe-all", "no-ema-update"],
-)
-def test_check_fails_for_other_pp_semantics(served, change):
-    """Negative control: a reference that ignores the history, probes every token or
-    never updates the history (vLLM's kept units forced, its own probe rows)
-    fails the top-k check against vLLM's decisions."""
-    variant = served.reference(dataclasses.replace(served.settings, **change))
-    run = variant.run(
-        PROMPTS, served.steps, DECODE_STEPS,
-        forced=served.forced(probe_rows=False), forced_tokens=served.vllm_tokens(),
-    )
-    violations = _violations(run.decisions, served.records)
-    print(f"\n{served.name} {change}: {len(violations)}/{len(run.decisions)} decisions off top-k")
-    assert violations, change
+def test_check_fails_for_other_semantics(served):
+    """Negative controls: references of other semantics (for PP: history ignored,
+    every token probed, history never updated; for full-batch probing: fused with
+    the history, a quarter of the tokens probed), with vLLM's kept units forced
+    and their own probe rows, fail the top-k check against vLLM's decisions."""
+    for name, change in CONTROLS[served.method].items():
+        variant = served.reference(dataclasses.replace(served.settings, **change))
+        run = variant.run(
+            PROMPTS, served.steps, DECODE_STEPS,
+            forced=served.forced(probe_rows=False), forced_tokens=served.vllm_tokens(),
+        )
+        violations = _violations(run.decisions, served.records)
+        print(f"\n{served.name} {name}: {len(violations)}/{len(run.decisions)} decisions off top-k")
+        assert violations, name

@@ -9,13 +9,16 @@ of the step's tokens. Per pruned layer and block:
 
 1. rank the step's tokens by the L2 norm of the residual stream entering the
    block; the probe is the top ``ceil(T * probe_ratio)`` tokens (at least
-   ``min_tokens``, at most T), ties to the lower index in the step's order;
+   ``min_tokens``, at most T), ties to the lower index in the step's order.
+   With ``probe_selection="strided"`` the probe is that many tokens P evenly
+   spaced over the step instead: token ``floor((i + 1/2) T / P)``, i < P;
 2. the probe activations Z are the probe tokens' rows of the output
    projection's input: the attention output of every head (over the tokens'
    real context), or act(gate(x)) * up(x) (OPT: relu(fc1(x) + b));
 3. importance-scaled fusion with the history rows of the probe tokens'
    position buckets: ``a = Pb / (Pb + Hs + 1e-6)``, ``F = a Pb + (1 - a) Hs``,
-   ``c_k = sum_t F[t, k]`` with ``Pb = Z^2``;
+   ``c_k = sum_t F[t, k]`` with ``Pb = Z^2``; with ``fusion="probe-only"``
+   (full-batch probing, with ``probe_ratio=1``) ``c_k = sum_t Pb[t, k]``;
 4. PPsp scores (MLP channel: ``||c_k W[:, k]^2||_2``; head: the L2 norm of
    ``c_k W[i, k]^2`` over the head's D x hd block of W_o) and the top units
    are kept: per-layer ratio ``r' = round(r L / (L - skipped), 2)``, heads
@@ -113,12 +116,16 @@ class Settings:
     max_model_len: int = 512
     # Negative-control switch: fuse with an all-zero history (probe only).
     use_history: bool = True
+    # "importance-scaled": the fusion of step 3; "probe-only": the probe's Pb alone.
+    fusion: str = "importance-scaled"
     # A decision stands for up to this many following decode-only steps with
     # as many requests (probe_pruning.reuse_decode_steps).
     reuse_decode_steps: int = 0
     # "query": heads chosen one by one; "kv": by whole KV group
     # (probe_pruning.method_options.head_groups).
     head_groups: str = "query"
+    # "tokens": the largest residual norms; "strided": evenly spaced (probe_pruning.probe.selection).
+    probe_selection: str = "tokens"
 
 
 @dataclass
@@ -224,7 +231,10 @@ class ReferenceProbePruning:
         num_tokens = residual.shape[0]
         importance = residual.norm(dim=-1)
         num_probe = min(num_tokens, max(s.min_tokens, math.ceil(num_tokens * s.probe_ratio)))
-        own_rows = _top(importance, num_probe)
+        if s.probe_selection == "strided":
+            own_rows = [math.floor(Fraction(2 * i + 1, 2) * Fraction(num_tokens, num_probe)) for i in range(num_probe)]
+        else:
+            own_rows = _top(importance, num_probe)
         vllm = forced.get((key, layer, kind)) if forced else None
         rows = vllm["probe_rows"] if vllm and "probe_rows" in vllm else own_rows
 
@@ -232,7 +242,7 @@ class ReferenceProbePruning:
         pb = z[rows] ** 2
         hs = history[[buckets[r] for r in rows]] if s.use_history else torch.zeros_like(pb)
         alpha = pb / (pb + hs + 1e-6)
-        c = (alpha * pb + (1 - alpha) * hs).sum(0)
+        c = pb.sum(0) if s.fusion == "probe-only" else (alpha * pb + (1 - alpha) * hs).sum(0)
 
         w_out = output_weight(self.model, layer, kind)
         group_scores = None

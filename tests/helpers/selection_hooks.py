@@ -17,6 +17,7 @@ import math
 import torch
 
 from vllm_pp.methods.base import PruningMethod
+from vllm_pp.methods.full_batch import FullBatchProbing
 from vllm_pp.methods.probe import ProbePruningMethod
 
 
@@ -55,12 +56,12 @@ class FixedSelection(PruningMethod):
         return mine.to(residual.device)
 
 
-class LoggedProbePruning(ProbePruningMethod):
-    """PP itself, logging every decision: method_options {"decision_log": path}.
+class _DecisionLog:
+    """Mixed into a per-step method: logs every decision, method_options {"decision_log": path}.
 
     Rank 0 appends one JSON line per (step, layer, block): the step key, its
-    segments (as FixedSelection logs them), the probe rows PP asked for and the
-    kept units, for the independent reference (reference_probe_pruning.py).
+    segments (as FixedSelection logs them), the probe rows the method asked for
+    and the kept units, for the independent reference (reference_probe_pruning.py).
     """
 
     options = ("decision_log",)
@@ -86,3 +87,11 @@ class LoggedProbePruning(ProbePruningMethod):
             with open(self.config.method_options["decision_log"], "a") as log:
                 log.write(json.dumps(record) + "\n")
         return kept
+
+
+class LoggedProbePruning(_DecisionLog, ProbePruningMethod):
+    """PP itself, logging every decision."""
+
+
+class LoggedFullBatchProbing(_DecisionLog, FullBatchProbing):
+    """Full-batch probing itself, logging every decision."""
