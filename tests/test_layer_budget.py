@@ -195,3 +195,18 @@ def test_bad_options_are_refused_in_one_line(tmp_path, options, calibrated, mess
     assert str(error.value) == message and "\n" not in message
     with pytest.raises(ProbePruningConfigError, match="allocation"):
         ProbePruningMethod(config, _blocks(), WORKER)
+
+
+@pytest.mark.parametrize(
+    ("identity", "head_cost", "channel_cost"),
+    [
+        ({"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 8}, 4 * 32 * 4, 3 * 32),
+        ({"model_type": "llama", "num_attention_heads": 8, "num_key_value_heads": 2}, 2 * 32 * 4, 3 * 32),
+        # OPT's config has no KV head count: multi-head attention, q, k, v and out_proj.
+        ({"model_type": "opt", "num_attention_heads": 8, "num_key_value_heads": None}, 4 * 32 * 4, 2 * 32),
+    ],
+    ids=["llama-mha", "llama-gqa", "opt"],
+)
+def test_flap_unit_costs(identity, head_cost, channel_cost):
+    # Per token: the head's projections plus the attention core over 16 positions, 2 * 16 * 4.
+    assert flap_unit_costs(identity, 32, 4, 16) == (head_cost + 2 * 16 * 4, channel_cost)

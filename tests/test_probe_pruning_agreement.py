@@ -29,9 +29,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.calibration_files import write_reference_calibration
 from helpers.engines import vllm_engine
 from helpers.reference_model import ReferenceModel, single_thread, step_forward
-from helpers.reference_probe_pruning import ReferenceProbePruning, Run, Settings, calibration_statistics
+from helpers.reference_probe_pruning import ReferenceProbePruning, Run, Settings
 from helpers.schedule_replay import decode_mismatch, segment_requests, vllm_generate
 from helpers.selection_hooks import fixed_kept_units
 
@@ -78,27 +79,6 @@ SETTINGS = Settings(
 # Allowed score shortfall of a kept unit below a pruned one, relative to the
 # largest score (float32 in vLLM against float64 here).
 TOLERANCE = 1e-4
-
-
-def _write_calibration(model: ReferenceModel, model_dir, out) -> None:
-    """True dense statistics over seeded random windows, in `vllm-pp calibrate`'s format."""
-    from transformers import AutoConfig
-
-    from vllm_pp.storage.statistics import model_identity, save_statistics
-
-    generator = torch.Generator().manual_seed(0)
-    vocab = model.config["vocab_size"]
-    windows = [torch.randint(3, vocab, (n,), generator=generator).tolist() for n in CALIBRATION_LENGTHS]
-    metadata = {
-        "kind": "calibration",
-        "model": model_identity(AutoConfig.from_pretrained(model_dir)),
-        "tensor_parallel_size": 1,
-        "seq_len": max(CALIBRATION_LENGTHS),
-        "num_samples": len(windows),
-        "seed": 0,
-        "text": "random token windows",
-    }
-    save_statistics(out, calibration_statistics(model, windows), metadata)
 
 
 def _engine_config(method: str, settings: Settings, calibration, decision_log) -> dict:
@@ -166,7 +146,7 @@ def served(request, random_models, tmp_path_factory) -> Served:
     settings = dataclasses.replace(SETTINGS, bucket_size=FAMILIES[family], **changes)
     model = ReferenceModel(path)
     calibration = tmp / "calibration.safetensors"
-    _write_calibration(model, path, calibration)
+    write_reference_calibration(model, path, calibration, CALIBRATION_LENGTHS)
     log = tmp / "decisions.jsonl"
     config = _engine_config(method, settings, calibration, log)
     with vllm_engine(path, in_process=True, additional_config=config) as llm:

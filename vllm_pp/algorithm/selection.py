@@ -245,7 +245,8 @@ def flap_unit_costs(
     ``num_key_value_heads`` (vllm_pp/storage/statistics.py). These weigh the
     units of :func:`flap_allocation`, whose ``ratio`` is a share of their sum.
     """
-    grouped = (model_identity.get("num_key_value_heads") or 0) < model_identity["num_attention_heads"]
+    heads = model_identity["num_attention_heads"]
+    grouped = (model_identity.get("num_key_value_heads") or heads) < heads  # OPT has no KV head count: MHA
     head_cost = (2 if grouped else 4) * hidden * head_dim + 2 * context * head_dim
     channel_cost = (2 if model_identity["model_type"] == "opt" else 3) * hidden
     return float(head_cost), float(channel_cost)
