@@ -59,7 +59,7 @@ def evaluate_perplexity(run: PerplexityRun, extra_config: dict | None = None) ->
     if run.calibration:
         probe_pruning["calibration"] = run.calibration
     if run.probe_ratio is not None:
-        probe_pruning.setdefault("probe", {})["ratio"] = run.probe_ratio
+        probe_pruning["probe"] = {**probe_pruning.get("probe", {}), "ratio": run.probe_ratio}
     started = time.monotonic()
     with offline_engine(run.model, probe_pruning, run.seq_len, run.batch_size,
                  tensor_parallel_size=run.tensor_parallel_size, dtype=run.dtype) as llm:
