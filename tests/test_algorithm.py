@@ -19,6 +19,7 @@ from vllm_pp.algorithm.probe import (
     probe_only_attention,
     select_probe_requests,
     select_probe_tokens,
+    select_strided_tokens,
     token_importance,
 )
 from vllm_pp.algorithm.scores import (
@@ -84,6 +85,17 @@ def test_select_probe_tokens_ascending_and_ties_to_lower_index():
     assert select_probe_tokens(importance, 3).tolist() == [1, 2, 3]  # 2 beats 5 on the tie
     assert select_probe_tokens(importance, 0).tolist() == []
     assert select_probe_tokens(importance, 6).tolist() == list(range(6))
+
+
+def test_select_strided_tokens_spreads_the_probe_over_the_step():
+    assert select_strided_tokens(10, 3).tolist() == [1, 5, 8]  # floor((i + 1/2) * 10 / 3)
+    assert select_strided_tokens(5, 5).tolist() == [0, 1, 2, 3, 4]
+    assert select_strided_tokens(7, 0).tolist() == []
+    # 8 requests of 512 tokens at the default 2.5%: 103 probe tokens, 12 or 13 in each request.
+    rows = select_strided_tokens(4096, num_probe_tokens(4096, 0.025))
+    assert sorted(torch.bincount(rows // 512).tolist()) == [12] + [13] * 7
+    with pytest.raises(ValueError, match="num_probe <= num_tokens"):
+        select_strided_tokens(3, 4)
 
 
 def test_select_probe_requests_tokens_then_requests():

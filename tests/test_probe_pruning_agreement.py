@@ -55,6 +55,7 @@ SERVED = {
     "opt": ("opt", "LoggedProbePruning", {}),
     "llama-gqa-reuse-2": ("llama-gqa", "LoggedProbePruning", {"reuse_decode_steps": 2}),
     "llama-gqa-full-batch": ("llama-gqa", "LoggedFullBatchProbing", {"probe_ratio": 1.0, "fusion": "probe-only"}),
+    "opt-strided": ("opt", "LoggedProbePruning", {"probe_selection": "strided"}),
 }
 # Negative controls, per method: reference variants whose decisions the
 # engine's must not match.
@@ -260,12 +261,16 @@ def test_decode_steps_reuse_decisions_as_the_reference_does(served):
             assert record["kept"] == served.records[reused[key], layer, kind]["kept"]
 
 
-def test_probe_tokens_are_top_ranked_by_residual_norm(served):
+def test_probe_tokens_are_the_selections(served):
+    """Top-ranked by residual norm (up to near-ties), or exactly the evenly spaced tokens."""
     exact = 0
     for key, decision in served.replay.decisions.items():
         rows = served.records[key]["probe_rows"]
         assert len(rows) == len(decision.own_probe_rows), key
-        assert _not_top_k(decision.importance, rows) <= TOLERANCE, (key, rows, decision.own_probe_rows)
+        if served.settings.probe_selection == "strided":
+            assert rows == decision.own_probe_rows, key
+        else:
+            assert _not_top_k(decision.importance, rows) <= TOLERANCE, (key, rows, decision.own_probe_rows)
         exact += rows == decision.own_probe_rows
     print(f"\n{served.name}: probe rows identical in {exact}/{len(served.replay.decisions)} decisions")
 

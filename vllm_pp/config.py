@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 ADDITIONAL_CONFIG_KEY = "probe_pruning"
 
-PROBE_SELECTIONS = ("tokens", "requests")
+PROBE_SELECTIONS = ("tokens", "strided", "requests")
 PROBE_ATTENTIONS = ("exact", "probe-only")
 HISTORY_FUSIONS = ("importance-scaled", "probe-only", "history-only")
 ATTENTION_HEADS = ("auto", "kept", "all")
@@ -79,14 +79,15 @@ class ProbeConfig:
     """How many of a step's tokens run ahead through each pruned block."""
 
     # "tokens": the top `ratio` share of the step's tokens by residual norm.
+    # "strided": the same share, evenly spaced over the step's tokens.
     # "requests": the paper's two stages with requests as samples: the top
     # `request_token_ratio` of each request's tokens, then the top
     # `request_ratio` of the requests (algorithm/probe.py).
     selection: str = "tokens"
-    # Share of the step's tokens probed ("tokens"). The paper probes 1 of 20
+    # Share of the step's tokens probed ("tokens", "strided"). The paper probes 1 of 20
     # samples x 50% of its tokens, i.e. 2.5% of the batch's tokens.
     ratio: float = 0.025
-    # Lower bound, so that small decode steps still probe something ("tokens").
+    # Lower bound, so that small decode steps still probe something ("tokens", "strided").
     min_tokens: int = 1
     # "requests": share of the step's requests probed (paper: 5% of samples)
     # and share of each probed request's tokens (paper: 50%).

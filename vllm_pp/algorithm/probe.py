@@ -2,10 +2,12 @@
 
 vLLM hands a layer all tokens of a step as one ``[T, D]`` matrix (prefill chunks
 and single decode tokens of several requests, no padding). There is no
-``[batch, seq]`` grid, so two selections are offered:
+``[batch, seq]`` grid, so three selections are offered:
 
 * ``tokens``: each token is ranked by the L2 norm of its own residual and the
   top share of the step's tokens is the probe;
+* ``strided``: the same share of tokens, evenly spaced over the step, which
+  samples the step rather than its largest-norm tokens;
 * ``requests``: the paper's two stages with a request in the role of a sample:
   the top share of each request's tokens, then the requests whose kept tokens
   have the largest residual norm.
@@ -51,6 +53,20 @@ def select_probe_tokens(importance: Tensor, num_probe: int) -> Tensor:
     sorted by position, docs/algorithm.md 1.2). Ties go to the lower index.
     """
     return top_k_indices(importance, num_probe)
+
+
+def select_strided_tokens(num_tokens: int, num_probe: int, device=None) -> Tensor:
+    """``num_probe`` tokens evenly spaced over the step's ``num_tokens``, ascending.
+
+    Token ``floor((i + 1/2) * T / P)`` for ``i < P``: a sample that covers
+    every request in proportion to its tokens, whatever their norms, chosen
+    from the step's shape alone (no device values read). Returns a LongTensor
+    ``[num_probe]``.
+    """
+    if not 0 <= num_probe <= num_tokens:
+        raise ValueError(f"need 0 <= num_probe <= num_tokens, got {num_probe}, {num_tokens}")
+    steps = torch.arange(num_probe, device=device, dtype=torch.long) * 2 + 1
+    return torch.div(steps * num_tokens, 2 * num_probe, rounding_mode="floor")
 
 
 def select_probe_requests(

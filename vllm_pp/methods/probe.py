@@ -43,6 +43,7 @@ from vllm_pp.algorithm.probe import (
     num_probe_tokens,
     select_probe_requests,
     select_probe_tokens,
+    select_strided_tokens,
     token_importance,
 )
 from vllm_pp.algorithm.scores import attention_head_scores, channel_weight_norm, mlp_channel_scores
@@ -310,16 +311,17 @@ class ProbePruningMethod(PruningMethod):
     @timed("probe")
     def _probe(self, batch: StepBatch, residual, probe) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared probe activations [P, width] and the probe's rows [P] in the step."""
-        importance = token_importance(residual[: batch.num_tokens])
         probe_config = self.config.probe
-        if probe_config.selection == "requests":
+        count = num_probe_tokens(batch.num_tokens, probe_config.ratio, probe_config.min_tokens)
+        if probe_config.selection == "strided":
+            rows = select_strided_tokens(batch.num_tokens, count, residual.device)
+        elif probe_config.selection == "requests":
             rows = select_probe_requests(
-                importance, batch.query_start_loc,
+                token_importance(residual[: batch.num_tokens]), batch.query_start_loc,
                 probe_config.request_ratio, probe_config.request_token_ratio,
             )
         else:
-            count = num_probe_tokens(batch.num_tokens, probe_config.ratio, probe_config.min_tokens)
-            rows = select_probe_tokens(importance, count)
+            rows = select_probe_tokens(token_importance(residual[: batch.num_tokens]), count)
         return probe(rows).float().square(), rows
 
     @timed("scoring")
