@@ -126,7 +126,9 @@ class Served:
     records: dict  # (key, layer, kind) -> logged decision
     steps: list
     vllm: tuple  # (prompt logprobs, tokens) from vllm_generate
+    history: dict  # (layer, kind) -> vLLM's history after serving, [buckets, width]
     replay: Run | None = None  # the reference under vLLM's decisions and tokens
+    replay_history: dict | None = None  # (layer, kind) -> the reference's history after the replay
 
     def reference(self, settings: Settings | None = None) -> ReferenceProbePruning:
         return ReferenceProbePruning(self.model, settings or self.settings, self.calibration)
@@ -152,14 +154,23 @@ def served(request, random_models, tmp_path_factory) -> Served:
     config = _engine_config(method, settings, calibration, log)
     with vllm_engine(path, in_process=True, additional_config=config) as llm:
         outputs = vllm_generate(llm, PROMPTS, DECODE_STEPS)
+        (history,) = llm.apply_model(_history)
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     records = {(r["key"], r["layer"], r["kind"]): r for r in lines}
     assert len(records) == len(lines), "a (step, layer, block) was decided twice"
-    served = Served(request.param, method, settings, model, calibration, records, _steps(lines), outputs)
-    served.replay = served.reference().run(
+    served = Served(request.param, method, settings, model, calibration, records, _steps(lines), outputs, history)
+    reference = served.reference()
+    served.replay = reference.run(
         PROMPTS, served.steps, DECODE_STEPS, forced=served.forced(), forced_tokens=served.vllm_tokens()
     )
+    served.replay_history = reference.history
     return served
+
+
+def _history(model) -> dict:
+    """The worker's history, (layer, kind) -> [buckets, width] on the CPU."""
+    method = model.probe_pruning.method
+    return {(block.layer_index, block.kind): rows.cpu().clone() for block, rows in method.history.items()}
 
 
 def _not_top_k(values: torch.Tensor, chosen: list[int]) -> float:
@@ -281,6 +292,19 @@ def test_kept_units_are_top_k_of_reference_scores(served):
     assert _violations(decisions, served.records) == []
     exact = sum(served.records[k]["kept"] == d.own_kept for k, d in decisions.items())
     print(f"\n{served.name}: kept units identical in {exact}/{len(decisions)} decisions")
+
+
+def test_history_after_serving_equals_the_reference(served):
+    """The history vLLM learned while serving, value for value, against the reference's
+    EMA updates under the same decisions; and it moved away from the calibration."""
+    if served.method == "LoggedFullBatchProbing":
+        pytest.skip("full-batch probing keeps no history")
+    start = served.reference()  # a fresh reference holds the calibrated start
+    assert set(served.history) == set(served.replay_history)
+    for block, rows in served.history.items():
+        want = served.replay_history[block]
+        assert torch.allclose(rows.double(), want, rtol=1e-5, atol=1e-7), block
+        assert not torch.allclose(want, start.history[block], rtol=1e-3, atol=0), block
 
 
 def test_reference_with_own_decisions_reproduces_vllm_outputs(served):
