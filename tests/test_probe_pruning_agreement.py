@@ -348,3 +348,48 @@ def test_check_fails_for_other_semantics(served):
         violations = _violations(run.decisions, served.records)
         print(f"\n{served.name} {name}: {len(violations)}/{len(run.decisions)} decisions off top-k")
         assert violations, name
+
+
+def test_tensor_parallel_ranks_decide_as_the_reference_shards(random_models, tmp_path):
+    """PP at TP=2: each rank's decisions are the reference's for its shard, its own top
+    units among its half of the heads and channels at its own count, over the history
+    of its shard of a TP=2 calibration file."""
+    settings = dataclasses.replace(SETTINGS, bucket_size=FAMILIES["llama-gqa"], tp_size=2)
+    path = random_models["llama-gqa"]
+    model = ReferenceModel(path)
+    calibration = tmp_path / "calibration-tp2.safetensors"
+    write_reference_calibration(model, path, calibration, CALIBRATION_LENGTHS, tp_size=2)
+    log = tmp_path / "decisions.jsonl"
+    config = _engine_config("LoggedProbePruning", settings, calibration, log)
+    with vllm_engine(path, in_process=True, tensor_parallel_size=2, additional_config=config) as llm:
+        _, tokens = vllm_generate(llm, PROMPTS, DECODE_STEPS)
+    ranks = [[json.loads(line) for line in p.read_text().splitlines()] for p in (log, Path(f"{log}.rank1"))]
+    reference = ReferenceProbePruning(model, settings, calibration)
+    shard_units = {"attention": reference.heads // 2, "mlp": reference.width // 2}
+    records = {}  # (key, layer, kind) -> both ranks' kept units as global indices
+    for rank, lines in enumerate(ranks):
+        for line in lines:
+            key = (line["key"], line["layer"], line["kind"])
+            kept = [rank * shard_units[line["kind"]] + u for u in line["kept"]]
+            if rank:
+                assert line["probe_rows"] == records[key]["probe_rows"], key  # the same residual on both
+                records[key]["kept"] += kept
+            else:
+                records[key] = {**line, "kept": kept}
+    assert len(ranks[0]) == len(ranks[1]) == len(records)
+    forced = {k: {"kept": r["kept"], "probe_rows": r["probe_rows"]} for k, r in records.items()}
+    replay = reference.run(PROMPTS, _steps(ranks[0]), DECODE_STEPS, forced=forced,
+                           forced_tokens=[ids for ids, _ in tokens])
+    exact, not_global = 0, 0
+    for key, decision in replay.decisions.items():
+        units = shard_units[key[2]]
+        for rank in range(2):
+            local = [u - rank * units for u in records[key]["kept"] if rank * units <= u < (rank + 1) * units]
+            assert len(local) == reference.kept_count[key[2]] // 2, (key, rank)
+            assert _not_top_k(decision.scores[rank * units:(rank + 1) * units], local) <= TOLERANCE, (key, rank)
+        exact += records[key]["kept"] == decision.own_kept
+        not_global += _not_top_k(decision.scores, records[key]["kept"]) > TOLERANCE
+    print(f"\ntp=2: kept units identical in {exact}/{len(replay.decisions)} decisions, "
+          f"{not_global} of them not a top-k over both shards")
+    # The check tells per-rank choices from one choice over the whole block.
+    assert not_global > 0

@@ -23,7 +23,10 @@ of the step's tokens. Per pruned layer and block:
    ``c_k W[i, k]^2`` over the head's D x hd block of W_o) and the top units
    are kept: per-layer ratio ``r' = round(r L / (L - skipped), 2)``, heads
    ``H - floor(r' H)`` (at least 1), MLP channels ``I - floor(r' I)`` rounded
-   up to a multiple of ``channel_multiple`` (at most I). With
+   up to a multiple of ``channel_multiple`` (at most I). Under tensor
+   parallelism (``tp_size``) each rank does this for its contiguous shard of
+   H / tp heads and I / tp channels (scores and fusion are per unit, so a
+   shard's scores are the full model's restricted to it). With
    ``head_groups="kv"`` heads are kept by whole KV group instead (query heads
    ``g*j .. g*j + g - 1`` share KV head j): a group scores the sum of its
    heads' scores, and the top ``floor(k / g + 1/2)`` groups (at least 1) are
@@ -126,6 +129,9 @@ class Settings:
     head_groups: str = "query"
     # "tokens": the largest residual norms; "strided": evenly spaced (probe_pruning.probe.selection).
     probe_selection: str = "tokens"
+    # Tensor-parallel ranks: each holds a contiguous 1/tp of the heads and channels
+    # and keeps its own top units at the ratio of its own count.
+    tp_size: int = 1
 
 
 @dataclass
@@ -171,11 +177,13 @@ class ReferenceProbePruning:
         self.width = c.get("intermediate_size") or c["ffn_dim"]
         self.pruned_layers = [i for i in range(num_layers) if i not in settings.skip_layers]
         ratio = min(1.0, round(settings.ratio * num_layers / (num_layers - len(settings.skip_layers)), 2))
-        channels = self.width - math.floor(ratio * self.width)
+        heads, width = self.heads // settings.tp_size, self.width // settings.tp_size  # per rank
+        channels = width - math.floor(ratio * width)
         multiple = settings.channel_multiple
+        # Units kept over all ranks, each rank keeping tp_size-th of them.
         self.kept_count = {
-            "attention": max(1, self.heads - math.floor(ratio * self.heads)),
-            "mlp": min(self.width, math.ceil(max(1, channels) / multiple) * multiple),
+            "attention": settings.tp_size * max(1, heads - math.floor(ratio * heads)),
+            "mlp": settings.tp_size * min(width, math.ceil(max(1, channels) / multiple) * multiple),
         }
         if settings.head_groups == "kv":  # nearest whole number of groups, halves up
             groups = max(1, math.floor(Fraction(self.kept_count["attention"], self.group) + Fraction(1, 2)))
@@ -198,7 +206,8 @@ class ReferenceProbePruning:
 
     def _calibrated_rows(self, layer: int, kind: str) -> torch.Tensor:
         with safe_open(str(self.calibration), framework="pt") as f:
-            sq_mean = f.get_tensor(f"layers.{layer}.{kind}.rank0.sq_mean").double()
+            sq_mean = torch.cat([f.get_tensor(f"layers.{layer}.{kind}.rank{rank}.sq_mean").double()
+                                 for rank in range(self.settings.tp_size)], dim=1)  # the ranks' shards
             count = f.get_tensor(f"layers.{layer}.{kind}.rank0.count").double()
         rows = torch.zeros(self.num_buckets, sq_mean.shape[1], dtype=torch.float64)
         weights = torch.zeros(self.num_buckets, dtype=torch.float64)
@@ -258,8 +267,9 @@ class ReferenceProbePruning:
             ])
             kept_groups = _top(group_scores, self.kept_count[kind] // self.group)
             own_kept = [j * self.group + i for j in kept_groups for i in range(self.group)]
-        else:
-            own_kept = _top(scores, self.kept_count[kind])
+        else:  # each rank its own top units among its shard
+            local, count = scores.numel() // s.tp_size, self.kept_count[kind] // s.tp_size
+            own_kept = [r * local + u for r in range(s.tp_size) for u in _top(scores[r * local:(r + 1) * local], count)]
         kept = vllm["kept"] if vllm and "kept" in vllm else own_kept
         decisions[key, layer, kind] = Decision(
             importance, rows, own_rows, scores, kept, own_kept, group_scores

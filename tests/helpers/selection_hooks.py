@@ -59,9 +59,10 @@ class FixedSelection(PruningMethod):
 class _DecisionLog:
     """Mixed into a per-step method: logs every decision, method_options {"decision_log": path}.
 
-    Rank 0 appends one JSON line per (step, layer, block): the step key, its
+    Each rank appends one JSON line per (step, layer, block): the step key, its
     segments (as FixedSelection logs them), the probe rows the method asked for
-    and the kept units, for the independent reference (reference_probe_pruning.py).
+    and the kept units (local indices), for the independent reference
+    (reference_probe_pruning.py); rank r > 0 to ``{decision_log}.rank{r}``.
     """
 
     options = ("decision_log",)
@@ -74,18 +75,18 @@ class _DecisionLog:
             return probe(rows)
 
         kept = super().decide(block, batch, residual, logged_probe)
-        if self.worker.tp_rank == 0:
-            starts = batch.positions[batch.query_start_loc[:-1].long()].tolist()
-            record = {
-                "key": batch.index,
-                "layer": block.layer_index,
-                "kind": block.kind,
-                "segments": list(zip(starts, batch.query_lens.tolist())),
-                "probe_rows": probe_rows,
-                "kept": kept.tolist(),
-            }
-            with open(self.config.method_options["decision_log"], "a") as log:
-                log.write(json.dumps(record) + "\n")
+        starts = batch.positions[batch.query_start_loc[:-1].long()].tolist()
+        record = {
+            "key": batch.index,
+            "layer": block.layer_index,
+            "kind": block.kind,
+            "segments": list(zip(starts, batch.query_lens.tolist())),
+            "probe_rows": probe_rows,
+            "kept": kept.tolist(),
+        }
+        path, rank = self.config.method_options["decision_log"], self.worker.tp_rank
+        with open(path if rank == 0 else f"{path}.rank{rank}", "a") as log:
+            log.write(json.dumps(record) + "\n")
         return kept
 
 
