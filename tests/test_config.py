@@ -31,7 +31,7 @@ def test_round_trip():
     ({"probe": {"ratio": 0}}, "probe_pruning.probe.ratio=0.0 is invalid: expected a number in (0, 1]"),
     ({"probe": {"ratio": 2}}, "probe_pruning.probe.ratio=2.0 is invalid: expected a number in (0, 1]"),
     ({"probe": {"selection": "samples"}},
-     "probe_pruning.probe.selection='samples' is invalid: expected one of tokens, requests"),
+     "probe_pruning.probe.selection='samples' is invalid: expected one of tokens, strided, requests"),
     ({"probe": {"request_ratio": 1.5}}, "probe_pruning.probe.request_ratio=1.5 is invalid"),
     ({"probe": {"attention": "paged"}},
      "probe_pruning.probe.attention='paged' is invalid: expected one of exact, probe-only"),
