@@ -13,7 +13,7 @@ each, all 32 requests decoding together. ``--prompt-set K`` takes the K-th
 next 32 windows instead (labels end in ``-setK``), to see how much the
 result depends on the prompts.
 
-    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K]
+    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K] [--probe-selection S]
 
 Writes benchmarks/results/decode_reuse_<model>.json.
 """
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reuse", type=int, nargs="*", default=[0, 3, 7, 15])
     parser.add_argument("--baselines", action="store_true", help="also dense, FLAP and Wanda-sp")
     parser.add_argument("--prompt-set", type=int, default=0, help="which 32 windows after the perplexity windows")
+    parser.add_argument("--probe-selection", choices=["tokens", "strided"],
+                        help="PP's probe.selection (default: the config's); the labels end in '-SELECTION'")
     args = parser.parse_args(argv)
 
     from throughput import prepare_model  # benchmarks/ is on sys.path when run as a script
@@ -101,6 +103,9 @@ def main(argv=None) -> int:
     with environ(VLLM_CPU_KVCACHE_SPACE="1"):  # vLLM's default claims 92% of the host's memory
         references = dense_continuations(str(model), prompts, NEW_TOKENS, dtype="float32")
     settings = {f"pp-0.4-reuse-{n}": {"method": "probe", "reuse_decode_steps": n} for n in args.reuse}
+    if args.probe_selection:
+        settings = {f"{label}-{args.probe_selection}": {**s, "probe": {"selection": args.probe_selection}}
+                    for label, s in settings.items()}
     if args.baselines:
         settings = {"dense": {"method": "dense"}, **settings,
                     "flap-0.4": {"method": "flap"}, "wanda-sp-0.4": {"method": "wanda-sp"}}

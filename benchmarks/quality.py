@@ -110,9 +110,10 @@ def probe_flops_share(config: dict, probe_ratio: float, num_pruned_layers: int, 
     """Probe FLOPs as a share of a dense step's FLOPs (embeddings and LM head excluded).
 
     Per pruned layer the probe costs the MLP's gate/up projections for the
-    probe tokens; the attention probe reuses rows of the step's own attention
-    output, and scoring is O(width). A dense layer costs the q/k/v/o and MLP
-    projections plus the causal attention core over ``seq_len`` tokens.
+    probe tokens and, on the kept-heads attention path, the probe tokens'
+    attention core on every head (their q/k/v are the step's own); scoring is
+    O(width). A dense layer costs the q/k/v/o and MLP projections plus the
+    causal attention core over ``seq_len`` tokens.
     """
     hidden, inter = config["hidden_size"], config["intermediate_size"]
     heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
@@ -120,7 +121,7 @@ def probe_flops_share(config: dict, probe_ratio: float, num_pruned_layers: int, 
     projections = 2 * hidden * head_dim * (2 * heads + 2 * kv_heads) + 2 * 3 * hidden * inter
     core = 2 * 2 * heads * head_dim * (seq_len / 2)  # QK^T and PV, half the context on average
     dense = config["num_hidden_layers"] * (projections + core)
-    probe = num_pruned_layers * probe_ratio * 2 * 2 * hidden * inter
+    probe = num_pruned_layers * probe_ratio * (2 * 2 * hidden * inter + core)
     return probe / dense
 
 

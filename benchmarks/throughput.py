@@ -104,6 +104,11 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
             "pp-0.4-kept-heads", flags=("--pp-ratio", "0.4", *common),
             probe_pruning={**pp, "attention_heads": "kept"},
         ),
+        # The probe of largest residual norms (the default before the evenly spaced one).
+        "pp-0.4-top-norm": Engine(
+            "pp-0.4-top-norm", flags=("--pp-ratio", "0.4", *common),
+            probe_pruning={**pp, "probe": {"selection": "tokens"}},
+        ),
         "flap-0.4": Engine("flap-0.4", flags=("--pp-ratio", "0.4", "--pp-method", "flap", *common)),
         "wanda-sp-0.4": Engine(
             "wanda-sp-0.4", flags=("--pp-ratio", "0.4", "--pp-method", "wanda-sp", *common)
@@ -113,7 +118,7 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
 
 ALL_ENGINES = ("vanilla", "ratio-0", "pp-0.2", "pp-0.4", "pp-0.4-every-step", "flap-0.4", "wanda-sp-0.4")
 # Not run by default; for side-by-side runs with --engines.
-EXTRA_ENGINES = ("pp-0.4-all-heads", "pp-0.4-kept-heads")
+EXTRA_ENGINES = ("pp-0.4-all-heads", "pp-0.4-kept-heads", "pp-0.4-top-norm")
 
 SETUPS = {
     "smollm2": ModelSetup(
