@@ -13,7 +13,7 @@ each, all 32 requests decoding together. ``--prompt-set K`` takes the K-th
 next 32 windows instead (labels end in ``-setK``), to see how much the
 result depends on the prompts.
 
-    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K] [--probe-selection S]
+    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K] [--probe-selection S] [--every-computed-token]
 
 Writes benchmarks/results/decode_reuse_<model>.json.
 """
@@ -88,6 +88,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-set", type=int, default=0, help="which 32 windows after the perplexity windows")
     parser.add_argument("--probe-selection", choices=["tokens", "strided"],
                         help="PP's probe.selection (default: the config's); the labels end in '-SELECTION'")
+    parser.add_argument("--every-computed-token", action="store_true",
+                        help="probe.every_computed_token (labels end in '-every-computed')")
     args = parser.parse_args(argv)
 
     from throughput import prepare_model  # benchmarks/ is on sys.path when run as a script
@@ -103,9 +105,15 @@ def main(argv=None) -> int:
     with environ(VLLM_CPU_KVCACHE_SPACE="1"):  # vLLM's default claims 92% of the host's memory
         references = dense_continuations(str(model), prompts, NEW_TOKENS, dtype="float32")
     settings = {f"pp-0.4-reuse-{n}": {"method": "probe", "reuse_decode_steps": n} for n in args.reuse}
+    probe = {}
     if args.probe_selection:
-        settings = {f"{label}-{args.probe_selection}": {**s, "probe": {"selection": args.probe_selection}}
-                    for label, s in settings.items()}
+        probe["selection"] = args.probe_selection
+        settings = {f"{label}-{args.probe_selection}": s for label, s in settings.items()}
+    if args.every_computed_token:
+        probe["every_computed_token"] = True
+        settings = {f"{label}-every-computed": s for label, s in settings.items()}
+    if probe:
+        settings = {label: {**s, "probe": probe} for label, s in settings.items()}
     if args.baselines:
         settings = {"dense": {"method": "dense"}, **settings,
                     "flap-0.4": {"method": "flap"}, "wanda-sp-0.4": {"method": "wanda-sp"}}

@@ -109,6 +109,11 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
             "pp-0.4-top-norm", flags=("--pp-ratio", "0.4", *common),
             probe_pruning={**pp, "probe": {"selection": "tokens"}},
         ),
+        # A probe twice the default's share of the step's tokens.
+        "pp-0.4-probe-5": Engine(
+            "pp-0.4-probe-5", flags=("--pp-ratio", "0.4", "--pp-probe-ratio", "0.05", *common),
+            probe_pruning=pp,
+        ),
         "flap-0.4": Engine("flap-0.4", flags=("--pp-ratio", "0.4", "--pp-method", "flap", *common)),
         "wanda-sp-0.4": Engine(
             "wanda-sp-0.4", flags=("--pp-ratio", "0.4", "--pp-method", "wanda-sp", *common)
@@ -118,7 +123,7 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
 
 ALL_ENGINES = ("vanilla", "ratio-0", "pp-0.2", "pp-0.4", "pp-0.4-every-step", "flap-0.4", "wanda-sp-0.4")
 # Not run by default; for side-by-side runs with --engines.
-EXTRA_ENGINES = ("pp-0.4-all-heads", "pp-0.4-kept-heads", "pp-0.4-top-norm")
+EXTRA_ENGINES = ("pp-0.4-all-heads", "pp-0.4-kept-heads", "pp-0.4-top-norm", "pp-0.4-probe-5")
 
 SETUPS = {
     "smollm2": ModelSetup(

@@ -549,7 +549,7 @@ def _pp_method_one_block():
     from vllm_pp.methods.probe import ProbePruningMethod
 
     block = PrunableBlock(0, "attention", width=8, head_dim=2)
-    config = ProbePruningConfig(ratio=0.5, skip_layers=[])
+    config = ProbePruningConfig.from_dict({"ratio": 0.5, "skip_layers": [], "probe": {"selection": "tokens"}})
     method = ProbePruningMethod(config, [block], WorkerInfo(num_layers=1, tp_rank=0, tp_size=1,
                                                              max_model_len=128))
     method.prepare({block: torch.ones(6, 8)})
@@ -626,6 +626,8 @@ def test_pp_history_updates_deferred_to_the_step_end_equal_immediate_ones(
 
 
 def test_pp_decision_with_overflowed_probe_is_finite_and_deterministic():
+    from vllm_pp.methods.base import Probe
+
     method, block = _pp_method_one_block()
     batch = _step([0, 1, 2, 3])
     residual = torch.tensor([[1.0], [5.0], [1.0], [1.0]])  # token 1 is the probe
@@ -634,6 +636,31 @@ def test_pp_decision_with_overflowed_probe_is_finite_and_deterministic():
     def probe(rows):
         return probe_out[: rows.numel()]
 
-    decisions = [method.decide(block, batch, residual, probe).tolist() for _ in range(2)]
+    decisions = [method.decide(block, batch, residual, Probe(probe)).tolist() for _ in range(2)]
     # Half of 4 heads kept: head 1 (clamped inf) and head 3 (3, 3) beat head 2 (NaN -> 0) and head 0.
     assert decisions == [[1, 3], [1, 3]]
+
+
+@pytest.mark.parametrize(("setting", "computed", "probed"), [
+    (True, True, [0, 1, 2, 3]),  # attention on every head: every token, for a copy
+    (True, False, [2]),  # the block runs for its probe: the strided token
+    (False, True, [2]),
+])
+def test_pp_probes_every_token_the_step_computed_when_asked(setting, computed, probed):
+    from vllm_pp.config import ProbePruningConfig
+    from vllm_pp.methods.base import Probe, PrunableBlock, WorkerInfo
+    from vllm_pp.methods.probe import ProbePruningMethod
+
+    block = PrunableBlock(0, "attention", width=8, head_dim=2)
+    config = ProbePruningConfig.from_dict(
+        {"ratio": 0.5, "skip_layers": [], "probe": {"selection": "strided", "every_computed_token": setting}})
+    method = ProbePruningMethod(config, [block], WorkerInfo(num_layers=1, tp_rank=0, tp_size=1, max_model_len=128))
+    method.prepare({block: torch.ones(6, 8)})
+    asked = []
+
+    def probe(rows):
+        asked.extend(rows.tolist())
+        return torch.ones(rows.numel(), 8)
+
+    method.decide(block, _step([0, 1, 2, 3]), torch.ones(4, 6), Probe(probe, every_row_computed=computed))
+    assert asked == probed

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from vllm_pp.algorithm.selection import num_kept_groups, top_k_head_groups, top_k_indices
 from vllm_pp.config import ProbePruningConfig, ProbePruningConfigError
 from vllm_pp.methods import method_class
-from vllm_pp.methods.base import PrunableBlock, StepBatch, WorkerInfo
+from vllm_pp.methods.base import Probe, PrunableBlock, StepBatch, WorkerInfo
 from vllm_pp.methods.probe import ProbePruningMethod
 from vllm_pp.tools.block_stack import synchronisations
 
@@ -281,7 +281,7 @@ def _pp_decisions(model: ReferenceModel, head_groups: str) -> dict:
     config = ProbePruningConfig.from_dict({
         "ratio": s.ratio, "skip_layers": list(s.skip_layers), "channel_multiple": s.channel_multiple,
         "reuse_decode_steps": s.reuse_decode_steps, "method_options": {"head_groups": head_groups},
-        "probe": {"ratio": s.probe_ratio, "min_tokens": s.min_tokens},
+        "probe": {"ratio": s.probe_ratio, "min_tokens": s.min_tokens, "selection": s.probe_selection},
         "history": {"ema_momentum": s.ema_momentum, "position_bucket_size": s.bucket_size},
     })
     worker = WorkerInfo(num_layers=c["num_hidden_layers"], tp_rank=0, tp_size=1, max_model_len=s.max_model_len)
@@ -310,7 +310,7 @@ def _pp_decisions(model: ReferenceModel, head_groups: str) -> dict:
                 rows.extend(probe_rows.tolist())
                 return z[probe_rows].float()
 
-            kept = method.decide(block, batch, residual.float(), probe)
+            kept = method.decide(block, batch, residual.float(), Probe(probe))
             channels = (kept[:, None] * block.head_dim + torch.arange(block.head_dim)).reshape(-1)
             method.update(block, batch, channels, z[:, channels].float())
             records[key, layer, kind] = {"kept": kept.tolist(), "probe_rows": rows}

@@ -6,7 +6,7 @@ import threading
 import pytest
 import torch
 from vllm_pp.config import ProbePruningConfig
-from vllm_pp.methods.base import PrunableBlock, StepBatch, WorkerInfo
+from vllm_pp.methods.base import Probe, PrunableBlock, StepBatch, WorkerInfo
 from vllm_pp.methods.probe import ProbePruningMethod
 from vllm_pp.runtime import history_checkpoints
 from vllm_pp.runtime.history_checkpoints import CheckpointSchedule, HistoryWriter
@@ -107,7 +107,7 @@ def test_a_frozen_history_is_used_but_never_updated(update):
     batch = StepBatch(index=0, num_tokens=4, max_query_len=4, positions=torch.arange(4),
                       query_start_loc=torch.tensor([0, 4]), seq_lens=torch.tensor([4]))
     residual = torch.randn(4, 16)
-    kept = method.decide(block, batch, residual, lambda rows: torch.randn(len(rows), 128))
+    kept = method.decide(block, batch, residual, Probe(lambda rows: torch.randn(len(rows), 128)))
     method.update(block, batch, kept, torch.full((4, kept.numel()), 3.0))
     method.end_step(batch)
     assert torch.equal(method.history[block], torch.ones(1, 128)) == (not update)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 ADDITIONAL_CONFIG_KEY = "probe_pruning"
 
-PROBE_SELECTIONS = ("tokens", "strided", "requests")
+PROBE_SELECTIONS = ("strided", "tokens", "requests")
 PROBE_ATTENTIONS = ("exact", "probe-only")
 HISTORY_FUSIONS = ("importance-scaled", "probe-only", "history-only")
 ATTENTION_HEADS = ("auto", "kept", "all")
@@ -66,6 +66,12 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ProbePruningConfigError(f"probe_pruning.{name}={value!r} is invalid: expected true or false")
+    return value
+
+
 def _non_negative_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ProbePruningConfigError(
@@ -78,12 +84,13 @@ def _non_negative_int(name: str, value: Any) -> int:
 class ProbeConfig:
     """How many of a step's tokens run ahead through each pruned block."""
 
-    # "tokens": the top `ratio` share of the step's tokens by residual norm.
-    # "strided": the same share, evenly spaced over the step's tokens.
+    # "strided": the `ratio` share of the step's tokens, evenly spaced over the
+    # step: a sample of the step (docs/design.md, "Probe selection").
+    # "tokens": that share, the step's tokens of largest residual norm.
     # "requests": the paper's two stages with requests as samples: the top
     # `request_token_ratio` of each request's tokens, then the top
     # `request_ratio` of the requests (algorithm/probe.py).
-    selection: str = "tokens"
+    selection: str = "strided"
     # Share of the step's tokens probed ("tokens", "strided"). The paper probes 1 of 20
     # samples x 50% of its tokens, i.e. 2.5% of the batch's tokens.
     ratio: float = 0.025
@@ -98,6 +105,10 @@ class ProbeConfig:
     # "probe-only" is the paper's approximation, attention among the probe
     # tokens only, kept to measure the difference (docs/design.md).
     attention: str = "exact"
+    # Probe every token of a block whose output projection's input the step has
+    # already computed for every token (attention on every head: decode-only
+    # steps on the CPU backend); it costs a copy instead of a block run.
+    every_computed_token: bool = False
 
     def __post_init__(self) -> None:
         _one_of("probe.selection", self.selection, PROBE_SELECTIONS)
@@ -105,6 +116,7 @@ class ProbeConfig:
         for name in ("ratio", "request_ratio", "request_token_ratio"):
             _number(f"probe.{name}", getattr(self, name), 0.0, 1.0, low_open=True, high_open=False)
         _positive_int("probe.min_tokens", self.min_tokens)
+        _boolean("probe.every_computed_token", self.every_computed_token)
 
 
 @dataclass(frozen=True)
@@ -142,10 +154,7 @@ class HistoryConfig:
                 f"probe_pruning.history.path={self.path!r} is invalid: expected a directory path"
             )
         _number("history.checkpoint_seconds", self.checkpoint_seconds, 0.0, math.inf, high_open=True)
-        if not isinstance(self.update, bool):
-            raise ProbePruningConfigError(
-                f"probe_pruning.history.update={self.update!r} is invalid: expected true or false"
-            )
+        _boolean("history.update", self.update)
         size = self.position_bucket_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ProbePruningConfigError(

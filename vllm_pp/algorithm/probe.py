@@ -4,10 +4,10 @@ vLLM hands a layer all tokens of a step as one ``[T, D]`` matrix (prefill chunks
 and single decode tokens of several requests, no padding). There is no
 ``[batch, seq]`` grid, so three selections are offered:
 
+* ``strided`` (the default): a share of the step's tokens, evenly spaced over
+  the step, which samples the step rather than its largest-norm tokens;
 * ``tokens``: each token is ranked by the L2 norm of its own residual and the
   top share of the step's tokens is the probe;
-* ``strided``: the same share of tokens, evenly spaced over the step, which
-  samples the step rather than its largest-norm tokens;
 * ``requests``: the paper's two stages with a request in the role of a sample:
   the top share of each request's tokens, then the requests whose kept tokens
   have the largest residual norm.

@@ -46,9 +46,21 @@ from vllm_pp.storage.statistics import ShardOwner
 
 BlockKind = Literal["attention", "mlp"]
 
-# Runs the given tokens (row indices of the step) through the block up to the
-# output projection's input: [P] -> [P, width].
-ProbeFn = Callable[[torch.Tensor], torch.Tensor]
+@dataclass(frozen=True)
+class Probe:
+    """Runs the given tokens (row indices of the step) through the block up to the
+    output projection's input: ``probe(rows)``, [P] -> [P, width].
+
+    ``every_row_computed``: the step has already computed that input for every
+    token (an attention block whose kernel ran on every head), so a probe of
+    every row costs a copy, not a block run.
+    """
+
+    run: Callable[[torch.Tensor], torch.Tensor]
+    every_row_computed: bool = False
+
+    def __call__(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.run(rows)
 
 
 @dataclass(frozen=True)
@@ -227,7 +239,7 @@ class PruningMethod:
         block: PrunableBlock,
         batch: StepBatch,
         residual: torch.Tensor,  # [num_tokens, hidden] residual stream entering the block
-        probe: ProbeFn,
+        probe: Probe,
     ) -> torch.Tensor | None:
         return None
 

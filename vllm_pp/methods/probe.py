@@ -3,8 +3,10 @@
 Per step and pruned block (docs/algorithm.md 1-3; the serving departures are
 measured in docs/design.md):
 
-1. rank the step's tokens by the L2 norm of the residual entering the block and
-   take the top ``probe.ratio`` share as the probe;
+1. take ``probe.ratio`` of the step's tokens as the probe: evenly spaced over
+   the step (``probe.selection`` "strided", the default), or those whose
+   residual entering the block has the largest L2 norm ("tokens", the paper's
+   ranking);
 2. run the probe through the block up to the output projection's input
    (attention: the exact per-head outputs of those tokens over their real
    context; MLP: act(gate) * up);
@@ -56,7 +58,7 @@ from vllm_pp.algorithm.selection import (
     top_k_indices,
 )
 from vllm_pp.config import ProbePruningConfigError
-from vllm_pp.methods.base import PrunableBlock, PruningMethod, StepBatch, WorkerInfo
+from vllm_pp.methods.base import Probe, PrunableBlock, PruningMethod, StepBatch, WorkerInfo
 from vllm_pp.observability.profiling import timed
 from vllm_pp.storage.calibration import load_calibration
 from vllm_pp.storage.statistics import tensor_name
@@ -309,11 +311,14 @@ class ProbePruningMethod(PruningMethod):
         return _StepState(batch.index, buckets, rows, reuse, decided_at)
 
     @timed("probe")
-    def _probe(self, batch: StepBatch, residual, probe) -> tuple[torch.Tensor, torch.Tensor]:
-        """Squared probe activations [P, width] and the probe's rows [P] in the step."""
+    def _probe(self, batch: StepBatch, residual, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared probe activations [P, width] and the probe's rows [P] in the step
+        (every token when the block computed them all and ``probe.every_computed_token``)."""
         probe_config = self.config.probe
         count = num_probe_tokens(batch.num_tokens, probe_config.ratio, probe_config.min_tokens)
-        if probe_config.selection == "strided":
+        if probe.every_row_computed and probe_config.every_computed_token:
+            rows = torch.arange(batch.num_tokens, device=residual.device)
+        elif probe_config.selection == "strided":
             rows = select_strided_tokens(batch.num_tokens, count, residual.device)
         elif probe_config.selection == "requests":
             rows = select_probe_requests(

@@ -20,6 +20,9 @@ from vllm_pp.methods.base import StepBatch
 class StepAttention:
     """One layer's attention output at one step; ``T`` tokens, ``H`` local heads of ``hd``."""
 
+    # Every head's output of every token is already computed (all_heads() is a view).
+    every_head_computed: bool = False
+
     def probe_rows(self, rows: torch.Tensor) -> torch.Tensor:
         """Every head's output for the tokens ``rows`` ([P]): [P, H * hd]."""
         raise NotImplementedError
@@ -38,6 +41,8 @@ class StepAttention:
 
 class AllHeadsAttention(StepAttention):
     """The attention of every head, computed once; the rest are slices of it."""
+
+    every_head_computed = True
 
     def __init__(self, output: torch.Tensor):
         self.output = output  # [T, H * hd]

@@ -82,6 +82,9 @@ class PrunedAttentionOutput:
     def probe(self, heads: StepAttention, rows: torch.Tensor) -> torch.Tensor:
         return heads.probe_rows(rows)
 
+    def every_row_computed(self, heads: StepAttention) -> bool:
+        return heads.every_head_computed
+
     def dense(self, heads: StepAttention) -> torch.Tensor:
         return self.output.linear(heads.all_heads())[0]
 
@@ -127,6 +130,9 @@ class PrunedMLP:
     def probe(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:  # [P] -> [P, width]
         projection = self.input_projection
         return self.act_fn(linear(x.index_select(0, rows), projection.weight, projection.bias))
+
+    def every_row_computed(self, x: torch.Tensor) -> bool:
+        return False  # the step's activations come only with the kept channels
 
     def dense(self, x: torch.Tensor) -> torch.Tensor:
         hidden, _ = self.input_projection(x)

@@ -19,7 +19,7 @@ import torch
 
 from vllm_pp.config import ProbePruningConfig
 from vllm_pp.methods import build_method
-from vllm_pp.methods.base import PrunableBlock, PruningMethod, StepBatch, WorkerInfo
+from vllm_pp.methods.base import Probe, PrunableBlock, PruningMethod, StepBatch, WorkerInfo
 from vllm_pp.observability import profiling
 from vllm_pp.observability.worker import PruningStats, Reporter, build_snapshot
 from vllm_pp.runtime.attention import AttendEveryHead, ProbeOnlyAttention, StepAttention
@@ -54,7 +54,7 @@ class BlockPruner:
         method = self.pruning.method
         # Host-side counters only (observability/worker.py): no device synchronisation.
         stats = self.stats
-        probe = stats.counting(functools.partial(adapter.probe, inputs))
+        probe = Probe(stats.counting(functools.partial(adapter.probe, inputs)), adapter.every_row_computed(inputs))
         if residual.is_cpu:  # wall time means compute time only on the CPU
             started = time.perf_counter()
             kept = method.decide(self.block, batch, residual, probe)
