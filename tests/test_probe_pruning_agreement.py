@@ -56,6 +56,8 @@ SERVED = {
     "llama-gqa-reuse-2": ("llama-gqa", "LoggedProbePruning", {"reuse_decode_steps": 2}),
     "llama-gqa-full-batch": ("llama-gqa", "LoggedFullBatchProbing", {"probe_ratio": 1.0, "fusion": "probe-only"}),
     "opt-strided": ("opt", "LoggedProbePruning", {"probe_selection": "strided"}),
+    "llama-gqa-every-computed": ("llama-gqa", "LoggedProbePruning",
+                                 {"probe_selection": "strided", "every_computed_token": True}),
 }
 # Negative controls, per method: reference variants whose decisions the
 # engine's must not match.
@@ -89,7 +91,8 @@ def _engine_config(method: str, settings: Settings, calibration, decision_log) -
             "method": f"helpers.selection_hooks:{method}",
             "method_options": {"decision_log": str(decision_log)},
             "probe": {"ratio": settings.probe_ratio, "min_tokens": settings.min_tokens,
-                      "selection": settings.probe_selection},
+                      "selection": settings.probe_selection,
+                      "every_computed_token": settings.every_computed_token},
             "history": {
                 "ema_momentum": settings.ema_momentum,
                 "position_bucket_size": settings.bucket_size,
@@ -278,7 +281,7 @@ def test_probe_tokens_are_the_selections(served):
     for key, decision in served.replay.decisions.items():
         rows = served.records[key]["probe_rows"]
         assert len(rows) == len(decision.own_probe_rows), key
-        if served.settings.probe_selection == "strided":
+        if served.settings.probe_selection == "strided":  # and every token where computed
             assert rows == decision.own_probe_rows, key
         else:
             assert _not_top_k(decision.importance, rows) <= TOLERANCE, (key, rows, decision.own_probe_rows)

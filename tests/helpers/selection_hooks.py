@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from vllm_pp.methods.base import PruningMethod
+from vllm_pp.methods.base import Probe, PruningMethod
 from vllm_pp.methods.full_batch import FullBatchProbing
 from vllm_pp.methods.probe import ProbePruningMethod
 
@@ -74,7 +74,7 @@ class _DecisionLog:
             probe_rows.extend(rows.tolist())
             return probe(rows)
 
-        kept = super().decide(block, batch, residual, logged_probe)
+        kept = super().decide(block, batch, residual, Probe(logged_probe, probe.every_row_computed))
         starts = batch.positions[batch.query_start_loc[:-1].long()].tolist()
         record = {
             "key": batch.index,
