@@ -104,10 +104,11 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
             "pp-0.4-kept-heads", flags=("--pp-ratio", "0.4", *common),
             probe_pruning={**pp, "attention_heads": "kept"},
         ),
-        # The probe of largest residual norms (the default before the evenly spaced one).
+        # The probe as it was by default before the evenly spaced one: the largest
+        # residual norms, and the attention probe no larger than the MLP's.
         "pp-0.4-top-norm": Engine(
             "pp-0.4-top-norm", flags=("--pp-ratio", "0.4", *common),
-            probe_pruning={**pp, "probe": {"selection": "tokens"}},
+            probe_pruning={**pp, "probe": {"selection": "tokens", "every_computed_token": False}},
         ),
         # A probe twice the default's share of the step's tokens.
         "pp-0.4-probe-5": Engine(

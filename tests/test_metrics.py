@@ -53,6 +53,9 @@ class FakeBlock:
     def probe(self, inputs, rows):
         return rows
 
+    def every_row_computed(self, inputs):
+        return False
+
     def dense(self, inputs):
         return "dense"
 

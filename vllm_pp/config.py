@@ -107,8 +107,9 @@ class ProbeConfig:
     attention: str = "exact"
     # Probe every token of a block whose output projection's input the step has
     # already computed for every token (attention on every head: decode-only
-    # steps on the CPU backend); it costs a copy instead of a block run.
-    every_computed_token: bool = False
+    # steps on the CPU backend, every step on other backends); it costs a copy
+    # instead of a block run (docs/design.md, "What the step computed anyway").
+    every_computed_token: bool = True
 
     def __post_init__(self) -> None:
         _one_of("probe.selection", self.selection, PROBE_SELECTIONS)

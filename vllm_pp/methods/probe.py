@@ -6,7 +6,8 @@ measured in docs/design.md):
 1. take ``probe.ratio`` of the step's tokens as the probe: evenly spaced over
    the step (``probe.selection`` "strided", the default), or those whose
    residual entering the block has the largest L2 norm ("tokens", the paper's
-   ranking);
+   ranking); a block whose step already computed every token's activations
+   (attention on every head) probes every token (``probe.every_computed_token``);
 2. run the probe through the block up to the output projection's input
    (attention: the exact per-head outputs of those tokens over their real
    context; MLP: act(gate) * up);
