@@ -7,13 +7,13 @@ computed before logits processors). Unlike ``prompt_logprobs`` (a prefill),
 every scored token here comes from a decode step, which is where decisions
 are reused.
 
-Prompts: 32 windows of 64 tokens of the evaluation text after the 128
-perplexity windows (as ``benchmarks/quality.py --decode``), 64 forced tokens
-each, all 32 requests decoding together. ``--prompt-set K`` takes the K-th
+Prompts: 32 windows of 64 tokens of the evaluation text (``--text heldout``:
+the held-out text) after the 128 perplexity windows (as ``benchmarks/quality.py
+--decode``), 64 forced tokens each, all 32 requests decoding together. ``--prompt-set K`` takes the K-th
 next 32 windows instead (labels end in ``-setK``), to see how much the
 result depends on the prompts.
 
-    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K] [--probe-selection S] [--every-computed-token]
+    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K] [--probe-selection S] [--[no-]every-decode-token]
 
 Writes benchmarks/results/decode_reuse_<model>.json.
 """
@@ -88,8 +88,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-set", type=int, default=0, help="which 32 windows after the perplexity windows")
     parser.add_argument("--probe-selection", choices=["tokens", "strided"],
                         help="PP's probe.selection (default: the config's); the labels end in '-SELECTION'")
-    parser.add_argument("--every-computed-token", action="store_true",
-                        help="probe.every_computed_token (labels end in '-every-computed')")
+    parser.add_argument("--text", choices=["evaluation", "heldout"], default="evaluation",
+                        help="the text the prompts come from (labels of 'heldout' end in '-heldout')")
+    parser.add_argument("--every-decode-token", action=argparse.BooleanOptionalAction,
+                        help="probe.every_decode_token (default: the config's); labels end in "
+                             "'-every-decode' or '-no-every-decode'")
     args = parser.parse_args(argv)
 
     from throughput import prepare_model  # benchmarks/ is on sys.path when run as a script
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
     from vllm_pp.tools.text_data import contiguous_windows, prepare_text, tokenize_text
 
     model, calibration = prepare_model("smollm2")
-    tokens = tokenize_text(str(model), prepare_text(quiet=True).evaluation)
+    tokens = tokenize_text(str(model), getattr(prepare_text(quiet=True), args.text))
     first = 128 * 512 + args.prompt_set * PROMPTS * PROMPT_LEN
     prompts = contiguous_windows(tokens[first:], PROMPT_LEN, PROMPTS)
     with environ(VLLM_CPU_KVCACHE_SPACE="1"):  # vLLM's default claims 92% of the host's memory
@@ -109,14 +112,17 @@ def main(argv=None) -> int:
     if args.probe_selection:
         probe["selection"] = args.probe_selection
         settings = {f"{label}-{args.probe_selection}": s for label, s in settings.items()}
-    if args.every_computed_token:
-        probe["every_computed_token"] = True
-        settings = {f"{label}-every-computed": s for label, s in settings.items()}
+    if args.every_decode_token is not None:
+        probe["every_decode_token"] = args.every_decode_token
+        suffix = "every-decode" if args.every_decode_token else "no-every-decode"
+        settings = {f"{label}-{suffix}": s for label, s in settings.items()}
     if probe:
         settings = {label: {**s, "probe": probe} for label, s in settings.items()}
     if args.baselines:
         settings = {"dense": {"method": "dense"}, **settings,
                     "flap-0.4": {"method": "flap"}, "wanda-sp-0.4": {"method": "wanda-sp"}}
+    if args.text != "evaluation":
+        settings = {f"{label}-{args.text}": s for label, s in settings.items()}
     if args.prompt_set:
         settings = {f"{label}-set{args.prompt_set}": s for label, s in settings.items()}
     out = RESULTS / f"decode_reuse_{Path(model).name}.json"

@@ -62,10 +62,6 @@ VARIANTS = [
     ("PP strided, probe 5%", "probe", {"probe": {"selection": "strided", "ratio": 0.05}}),
     # A history that follows the served text faster (the paper's momentum is 0.99).
     ("PP strided, momentum 0.9", "probe", STRIDED | {"history": {"ema_momentum": 0.9}}),
-    # Attention on every head at every step (as on backends without kept-head attention),
-    # its heads decided on every token of the step, which that attention computed anyway.
-    ("PP strided, every head computed", "probe",
-     {"attention_heads": "all", "probe": {"selection": "strided", "every_computed_token": True}}),
 ]
 
 

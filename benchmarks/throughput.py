@@ -108,7 +108,7 @@ def engines(calibration: str, skip_layers: str | None, reuse: int) -> dict[str, 
         # residual norms, and the attention probe no larger than the MLP's.
         "pp-0.4-top-norm": Engine(
             "pp-0.4-top-norm", flags=("--pp-ratio", "0.4", *common),
-            probe_pruning={**pp, "probe": {"selection": "tokens", "every_computed_token": False}},
+            probe_pruning={**pp, "probe": {"selection": "tokens", "every_decode_token": False}},
         ),
         # A probe twice the default's share of the step's tokens.
         "pp-0.4-probe-5": Engine(

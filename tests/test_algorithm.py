@@ -641,19 +641,20 @@ def test_pp_decision_with_overflowed_probe_is_finite_and_deterministic():
     assert decisions == [[1, 3], [1, 3]]
 
 
-@pytest.mark.parametrize(("setting", "computed", "probed"), [
-    (True, True, [0, 1, 2, 3]),  # attention on every head: every token, for a copy
-    (True, False, [2]),  # the block runs for its probe: the strided token
-    (False, True, [2]),
+@pytest.mark.parametrize(("setting", "computed", "decode_only", "probed"), [
+    (True, True, True, [0, 1, 2, 3]),  # attention on every head: every token, for a copy
+    (True, False, True, [2]),  # the block runs for its probe: the strided token
+    (True, True, False, [2]),  # a prefill step
+    (False, True, True, [2]),
 ])
-def test_pp_probes_every_token_the_step_computed_when_asked(setting, computed, probed):
+def test_pp_probes_every_decode_token_the_step_computed_when_asked(setting, computed, decode_only, probed):
     from vllm_pp.config import ProbePruningConfig
-    from vllm_pp.methods.base import Probe, PrunableBlock, WorkerInfo
+    from vllm_pp.methods.base import Probe, PrunableBlock, StepBatch, WorkerInfo
     from vllm_pp.methods.probe import ProbePruningMethod
 
     block = PrunableBlock(0, "attention", width=8, head_dim=2)
     config = ProbePruningConfig.from_dict(
-        {"ratio": 0.5, "skip_layers": [], "probe": {"selection": "strided", "every_computed_token": setting}})
+        {"ratio": 0.5, "skip_layers": [], "probe": {"selection": "strided", "every_decode_token": setting}})
     method = ProbePruningMethod(config, [block], WorkerInfo(num_layers=1, tp_rank=0, tp_size=1, max_model_len=128))
     method.prepare({block: torch.ones(6, 8)})
     asked = []
@@ -662,5 +663,10 @@ def test_pp_probes_every_token_the_step_computed_when_asked(setting, computed, p
         asked.extend(rows.tolist())
         return torch.ones(rows.numel(), 8)
 
-    method.decide(block, _step([0, 1, 2, 3]), torch.ones(4, 6), Probe(probe, every_row_computed=computed))
+    # Four requests decoding one token each, or one request prefilling four.
+    batch = StepBatch(index=0, num_tokens=4, max_query_len=1 if decode_only else 4,
+                      positions=torch.tensor([5, 9, 7, 3] if decode_only else [0, 1, 2, 3]),
+                      query_start_loc=torch.tensor([0, 1, 2, 3, 4] if decode_only else [0, 4]),
+                      seq_lens=torch.tensor([6, 10, 8, 4] if decode_only else [4]))
+    method.decide(block, batch, torch.ones(4, 6), Probe(probe, every_row_computed=computed))
     assert asked == probed

@@ -56,8 +56,8 @@ SERVED = {
     "llama-gqa-reuse-2": ("llama-gqa", "LoggedProbePruning", {"reuse_decode_steps": 2}),
     "llama-gqa-full-batch": ("llama-gqa", "LoggedFullBatchProbing", {"probe_ratio": 1.0, "fusion": "probe-only"}),
     "opt-strided": ("opt", "LoggedProbePruning", {"probe_selection": "strided"}),
-    "llama-gqa-every-computed": ("llama-gqa", "LoggedProbePruning",
-                                 {"probe_selection": "strided", "every_computed_token": True}),
+    "llama-gqa-every-decode": ("llama-gqa", "LoggedProbePruning",
+                                 {"probe_selection": "strided", "every_decode_token": True}),
 }
 # Negative controls, per method: reference variants whose decisions the
 # engine's must not match.
@@ -92,7 +92,7 @@ def _engine_config(method: str, settings: Settings, calibration, decision_log) -
             "method_options": {"decision_log": str(decision_log)},
             "probe": {"ratio": settings.probe_ratio, "min_tokens": settings.min_tokens,
                       "selection": settings.probe_selection,
-                      "every_computed_token": settings.every_computed_token},
+                      "every_decode_token": settings.every_decode_token},
             "history": {
                 "ema_momentum": settings.ema_momentum,
                 "position_bucket_size": settings.bucket_size,

@@ -105,11 +105,11 @@ class ProbeConfig:
     # "probe-only" is the paper's approximation, attention among the probe
     # tokens only, kept to measure the difference (docs/design.md).
     attention: str = "exact"
-    # Probe every token of a block whose output projection's input the step has
-    # already computed for every token (attention on every head: decode-only
-    # steps on the CPU backend, every step on other backends); it costs a copy
-    # instead of a block run (docs/design.md, "What the step computed anyway").
-    every_computed_token: bool = True
+    # At decode-only steps, probe every token of a block whose output
+    # projection's input the step has already computed for every token
+    # (attention on every head): it costs a copy instead of a block run
+    # (docs/design.md, "Every decode token where attention computed it").
+    every_decode_token: bool = True
 
     def __post_init__(self) -> None:
         _one_of("probe.selection", self.selection, PROBE_SELECTIONS)
@@ -117,7 +117,7 @@ class ProbeConfig:
         for name in ("ratio", "request_ratio", "request_token_ratio"):
             _number(f"probe.{name}", getattr(self, name), 0.0, 1.0, low_open=True, high_open=False)
         _positive_int("probe.min_tokens", self.min_tokens)
-        _boolean("probe.every_computed_token", self.every_computed_token)
+        _boolean("probe.every_decode_token", self.every_decode_token)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ of the step's tokens. Per pruned layer and block:
    ``min_tokens``, at most T), ties to the lower index in the step's order.
    With ``probe_selection="strided"`` the probe is that many tokens P evenly
    spaced over the step instead: token ``floor((i + 1/2) T / P)``, i < P.
-   With ``every_computed_token``, an attention block's probe at a decode-only
+   With ``every_decode_token``, an attention block's probe at a decode-only
    step (where the CPU backend attends on every head) is every token;
 2. the probe activations Z are the probe tokens' rows of the output
    projection's input: the attention output of every head (over the tokens'
@@ -132,8 +132,8 @@ class Settings:
     # "tokens": the largest residual norms; "strided": evenly spaced (probe_pruning.probe.selection).
     probe_selection: str = "tokens"
     # At decode-only steps, where vLLM's CPU backend attends on every head, an
-    # attention block's probe is every token (probe_pruning.probe.every_computed_token).
-    every_computed_token: bool = False
+    # attention block's probe is every token (probe_pruning.probe.every_decode_token).
+    every_decode_token: bool = False
     # Tensor-parallel ranks: each holds a contiguous 1/tp of the heads and channels
     # and keeps its own top units at the ratio of its own count.
     tp_size: int = 1
@@ -245,7 +245,7 @@ class ReferenceProbePruning:
         num_tokens = residual.shape[0]
         importance = residual.norm(dim=-1)
         num_probe = min(num_tokens, max(s.min_tokens, math.ceil(num_tokens * s.probe_ratio)))
-        if s.every_computed_token and kind == "attention" and key in self.decode_only_steps:
+        if s.every_decode_token and kind == "attention" and key in self.decode_only_steps:
             own_rows = list(range(num_tokens))
         elif s.probe_selection == "strided":
             own_rows = [math.floor(Fraction(2 * i + 1, 2) * Fraction(num_tokens, num_probe)) for i in range(num_probe)]

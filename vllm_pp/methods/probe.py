@@ -6,8 +6,9 @@ measured in docs/design.md):
 1. take ``probe.ratio`` of the step's tokens as the probe: evenly spaced over
    the step (``probe.selection`` "strided", the default), or those whose
    residual entering the block has the largest L2 norm ("tokens", the paper's
-   ranking); a block whose step already computed every token's activations
-   (attention on every head) probes every token (``probe.every_computed_token``);
+   ranking); at a decode-only step, a block whose step already computed every
+   token's activations (attention on every head) probes every token
+   (``probe.every_decode_token``);
 2. run the probe through the block up to the output projection's input
    (attention: the exact per-head outputs of those tokens over their real
    context; MLP: act(gate) * up);
@@ -314,10 +315,11 @@ class ProbePruningMethod(PruningMethod):
     @timed("probe")
     def _probe(self, batch: StepBatch, residual, probe: Probe) -> tuple[torch.Tensor, torch.Tensor]:
         """Squared probe activations [P, width] and the probe's rows [P] in the step
-        (every token when the block computed them all and ``probe.every_computed_token``)."""
+        (every token at a decode-only step whose block computed them all, with
+        ``probe.every_decode_token``)."""
         probe_config = self.config.probe
         count = num_probe_tokens(batch.num_tokens, probe_config.ratio, probe_config.min_tokens)
-        if probe.every_row_computed and probe_config.every_computed_token:
+        if probe_config.every_decode_token and batch.is_decode_only and probe.every_row_computed:
             rows = torch.arange(batch.num_tokens, device=residual.device)
         elif probe_config.selection == "strided":
             rows = select_strided_tokens(batch.num_tokens, count, residual.device)
