@@ -13,7 +13,7 @@ the held-out text) after the 128 perplexity windows (as ``benchmarks/quality.py
 next 32 windows instead (labels end in ``-setK``), to see how much the
 result depends on the prompts.
 
-    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K] [--probe-selection S] [--[no-]every-decode-token]
+    python benchmarks/decode_reuse.py [--reuse 0 3 7 15] [--baselines] [--prompt-set K] [--probe-selection S] [--probe-ratio R] [--[no-]every-decode-token]
 
 Writes benchmarks/results/decode_reuse_<model>.json.
 """
@@ -90,6 +90,7 @@ def main(argv=None) -> int:
                         help="PP's probe.selection (default: the config's); the labels end in '-SELECTION'")
     parser.add_argument("--text", choices=["evaluation", "heldout"], default="evaluation",
                         help="the text the prompts come from (labels of 'heldout' end in '-heldout')")
+    parser.add_argument("--probe-ratio", type=float, help="probe.ratio (default: the config's); labels end in '-probe-R'")
     parser.add_argument("--every-decode-token", action=argparse.BooleanOptionalAction,
                         help="probe.every_decode_token (default: the config's); labels end in "
                              "'-every-decode' or '-no-every-decode'")
@@ -112,6 +113,9 @@ def main(argv=None) -> int:
     if args.probe_selection:
         probe["selection"] = args.probe_selection
         settings = {f"{label}-{args.probe_selection}": s for label, s in settings.items()}
+    if args.probe_ratio is not None:
+        probe["ratio"] = args.probe_ratio
+        settings = {f"{label}-probe-{args.probe_ratio:g}": s for label, s in settings.items()}
     if args.every_decode_token is not None:
         probe["every_decode_token"] = args.every_decode_token
         suffix = "every-decode" if args.every_decode_token else "no-every-decode"
