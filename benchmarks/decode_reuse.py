@@ -108,27 +108,29 @@ def main(argv=None) -> int:
     prompts = contiguous_windows(tokens[first:], PROMPT_LEN, PROMPTS)
     with environ(VLLM_CPU_KVCACHE_SPACE="1"):  # vLLM's default claims 92% of the host's memory
         references = dense_continuations(str(model), prompts, NEW_TOKENS, dtype="float32")
+    def suffixed(settings: dict, suffix: str) -> dict:
+        return {f"{label}-{suffix}": s for label, s in settings.items()}
+
     settings = {f"pp-0.4-reuse-{n}": {"method": "probe", "reuse_decode_steps": n} for n in args.reuse}
     probe = {}
     if args.probe_selection:
         probe["selection"] = args.probe_selection
-        settings = {f"{label}-{args.probe_selection}": s for label, s in settings.items()}
+        settings = suffixed(settings, args.probe_selection)
     if args.probe_ratio is not None:
         probe["ratio"] = args.probe_ratio
-        settings = {f"{label}-probe-{args.probe_ratio:g}": s for label, s in settings.items()}
+        settings = suffixed(settings, f"probe-{args.probe_ratio:g}")
     if args.every_decode_token is not None:
         probe["every_decode_token"] = args.every_decode_token
-        suffix = "every-decode" if args.every_decode_token else "no-every-decode"
-        settings = {f"{label}-{suffix}": s for label, s in settings.items()}
+        settings = suffixed(settings, "every-decode" if args.every_decode_token else "no-every-decode")
     if probe:
         settings = {label: {**s, "probe": probe} for label, s in settings.items()}
     if args.baselines:
         settings = {"dense": {"method": "dense"}, **settings,
                     "flap-0.4": {"method": "flap"}, "wanda-sp-0.4": {"method": "wanda-sp"}}
     if args.text != "evaluation":
-        settings = {f"{label}-{args.text}": s for label, s in settings.items()}
+        settings = suffixed(settings, args.text)
     if args.prompt_set:
-        settings = {f"{label}-set{args.prompt_set}": s for label, s in settings.items()}
+        settings = suffixed(settings, f"set{args.prompt_set}")
     out = RESULTS / f"decode_reuse_{Path(model).name}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     for label, setting in settings.items():

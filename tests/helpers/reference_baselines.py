@@ -42,10 +42,8 @@ class ReferenceBaselines:
         shapes = ReferenceProbePruning(model, settings, calibration=None)
         self.model, self.settings, self.calibration = model, settings, calibration
         self.heads, self.head_dim, self.group = shapes.heads, shapes.head_dim, shapes.group
-        self.kept_count = shapes.kept_count
+        self.kept_count, self.ratio = shapes.kept_count, shapes.layer_ratio
         self.blocks: list[Block] = [(layer, kind) for kind in ("attention", "mlp") for layer in shapes.pruned_layers]
-        self.ratio = min(1.0, round(settings.ratio * model.config["num_hidden_layers"]
-                                    / (model.config["num_hidden_layers"] - len(settings.skip_layers)), 2))
 
     def _stat(self, block: Block, name: str) -> torch.Tensor:
         layer, kind = block

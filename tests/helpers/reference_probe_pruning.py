@@ -182,6 +182,7 @@ class ReferenceProbePruning:
         self.width = c.get("intermediate_size") or c["ffn_dim"]
         self.pruned_layers = [i for i in range(num_layers) if i not in settings.skip_layers]
         ratio = min(1.0, round(settings.ratio * num_layers / (num_layers - len(settings.skip_layers)), 2))
+        self.layer_ratio = ratio  # r'
         heads, width = self.heads // settings.tp_size, self.width // settings.tp_size  # per rank
         channels = width - math.floor(ratio * width)
         multiple = settings.channel_multiple
